@@ -1,0 +1,302 @@
+"""The grain input pipeline: sources → examples → images + tokens → padded batches.
+
+    sources (MedSynth, JSON/JSONL, TFDS), each shuffled and repeated with its own seed
+      → mixed by weight → this process's shard → decode images, preprocess, tokenise
+      → padded, fixed-shape batches
+
+Batches are dicts of numpy arrays with static shapes, so the jitted step compiles once::
+
+    tokens      int32 [B, L]   token ids, padded with the tokenizer's pad id
+    input_mask  bool  [B, L]   True on real tokens
+    mask_ar     int32 [B, L]   0 = prefix (may attend bidirectionally), 1 = causal
+    loss_mask   int32 [B, L]   1 on the tokens the model is trained to predict
+    images      float32 [B, N, H, W, C] (2D) or [B, N, D, H, W, C] (volumes)
+    image_mask  bool  [B, N]   True where an image is present
+
+The iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` restore the exact
+position, so a resumed run sees exactly the batches an uninterrupted one would have.
+
+Bad input (missing or corrupt image, too-long sequence, wrong number of image placeholders…)
+raises :class:`~medvl_jax.data.errors.DataError` naming the record. With
+``skip_bad_examples=True`` such examples are dropped instead and counted in ``skips``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import grain
+import ml_collections
+import numpy as np
+
+from medvl_jax.data import chat, preprocess, readers, sources
+from medvl_jax.data.errors import DataError, SkipCounter
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The data section of every config, with its defaults (unknown keys are errors)."""
+    c = ml_collections.ConfigDict()
+    # Named sources; each: kind = medsynth | json | tfds, weight, and its kind's fields.
+    c.sources = {"medsynth": medsynth_source()}
+    c.batch_size = 32               # Global batch size, across all processes.
+    c.seed = 0
+    c.shuffle = True
+    c.max_length = 128              # Tokens per example, after padding.
+    c.truncation = "error"          # "error" or "right" (see medvl_jax.data.chat.encode).
+    c.template = "gemma"            # Chat template: gemma | chatml | llama3.
+    c.prefix_lm = False             # mask_ar = 0 over the prompt (PaliGemma-style prefix-LM).
+    c.num_image_tokens = 64         # Tokens each image expands to (set from the model).
+    c.max_images = 1                # Images per example (N); fewer are masked out.
+    c.image_size = 64
+    c.channels = 1
+    c.volume_shape = None           # (D, H, W) to feed volumes instead of 2D images.
+    c.pad_to_square = True
+    c.ct_window = (-600.0, 1500.0)  # (centre, width) in HU, for CT images in HU.
+    c.augment = False               # Train-time photometric + small affine augmentation.
+    c.normalise = (0.5, 0.5)        # (mean, std) applied last.
+    c.qa_per_example = 1            # MedSynth: question/answer turns per example.
+    c.skip_bad_examples = False     # Drop (and count) bad examples instead of failing.
+    c.num_threads = 2               # grain read threads.
+    c.prefetch = 4
+    return c
+
+
+def medsynth_source(kind: str = "cxr", num_studies: int = 2000, weight: float = 1.0,
+                    **kwargs) -> dict:
+    """Config dict for a MedSynth source (see :class:`medvl_jax.data.medsynth.MedSynthConfig`)."""
+    return dict(kind="medsynth", weight=weight, medsynth_kind=kind, num_studies=num_studies,
+                render_size=kwargs.pop("render_size", 128),
+                volume_shape=kwargs.pop("volume_shape", (32, 64, 64)),
+                seed=kwargs.pop("seed", 0), question_types=kwargs.pop("question_types", ()),
+                **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources from config.
+# --------------------------------------------------------------------------------------------
+
+_SOURCE_FIELDS = {
+    "medsynth": {"kind", "weight", "medsynth_kind", "num_studies", "render_size",
+                 "volume_shape", "seed", "question_types"},
+    "json": {"kind", "weight", "path", "image_root", "format"},
+    "tfds": {"kind", "weight", "name", "data_dir", "split", "to_example"},
+}
+
+
+def build_source(name: str, spec: dict, split: str, qa_per_example: int) -> sources.SourceSpec:
+    """One configured source for ``split`` (train / val / test)."""
+    kind = spec.get("kind")
+    if kind not in _SOURCE_FIELDS:
+        raise ValueError(f"data.sources.{name}.kind must be one of {sorted(_SOURCE_FIELDS)}, "
+                         f"got {kind!r}")
+    unknown = set(spec) - _SOURCE_FIELDS[kind]
+    if unknown:
+        raise ValueError(f"data.sources.{name}: unknown field(s) {sorted(unknown)} for a {kind} "
+                         f"source; allowed: {sorted(_SOURCE_FIELDS[kind])}")
+    weight = float(spec.get("weight", 1.0))
+    if kind == "medsynth":
+        from medvl_jax.data import medsynth
+        cfg = medsynth.MedSynthConfig(
+            kind=spec["medsynth_kind"], split=split, num_studies=int(spec["num_studies"]),
+            image_size=int(spec["render_size"]), volume_shape=tuple(spec["volume_shape"]),
+            seed=int(spec["seed"]))
+        to_example = functools.partial(
+            sources.medsynth_to_example, qa_per_example=qa_per_example,
+            question_types=tuple(spec.get("question_types") or ()))
+        return sources.SourceSpec(name, medsynth.MedSynthSource(cfg), to_example, weight)
+    if kind == "json":
+        src = sources.ConversationFile(spec["path"], spec.get("image_root"),
+                                       spec.get("format", "auto"))
+        return sources.SourceSpec(name, src, lambda rec, rng: rec, weight)
+    src = sources.tfds_source(spec["name"], spec.get("split", split), spec.get("data_dir"))
+    if spec["name"].split("/")[0] == "medsynth" and not spec.get("to_example"):
+        fn = functools.partial(sources.medsynth_to_example, qa_per_example=qa_per_example)
+    else:
+        fn = sources.resolve_callable(spec["to_example"])
+    return sources.SourceSpec(name, src, fn, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# Example → model inputs.
+# --------------------------------------------------------------------------------------------
+
+def image_ops(cfg, *, train: bool) -> Callable:
+    """The preprocessing chain for one image, built from the data config."""
+    ops = []
+    if cfg.volume_shape is not None:
+        ops.append(preprocess.resize_volume(tuple(cfg.volume_shape)))
+    else:
+        if cfg.pad_to_square:
+            ops.append(preprocess.pad_to_square(0.0))
+        ops.append(preprocess.resize(cfg.image_size))
+    if train and cfg.augment:
+        ops.append(preprocess.augment() if cfg.volume_shape is None
+                   else preprocess.augment_volume())
+    ops.append(preprocess.to_channels(cfg.channels))
+    mean, std = cfg.normalise
+    ops.append(preprocess.normalise(mean, std))
+    return preprocess.compose(*ops)
+
+
+def to_unit_range(pixels: np.ndarray, modality: str | None, ct_window) -> np.ndarray:
+    """Maps decoded pixels to float32 in [0, 1]: integers by their dtype, CT HU by a window."""
+    if str(modality).lower() == "ct" and pixels.dtype != np.uint8:
+        return preprocess.ct_window(*ct_window)(pixels.astype(np.float32), None)
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) / 255.0
+    if pixels.dtype == np.uint16:
+        return pixels.astype(np.float32) / 65535.0
+    return pixels.astype(np.float32)
+
+
+def decode_images(example: dict, cfg) -> list[np.ndarray]:
+    """Reads image paths and scales every image of ``example`` to [0, 1] float32."""
+    out = []
+    modality = example["meta"].get("modality")
+    for ref in example["images"]:
+        if isinstance(ref, str):
+            img = readers.read_image(ref)
+            out.append(to_unit_range(img.pixels, img.modality or modality, cfg.ct_window))
+        else:
+            out.append(to_unit_range(np.asarray(ref), modality, cfg.ct_window))
+    want = 3 if cfg.volume_shape is not None else 2
+    for arr in out:
+        spatial = arr.ndim - (1 if arr.ndim > want else 0)
+        if spatial != want and not (want == 2 and arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+            raise DataError(f"image of shape {arr.shape} in a pipeline of "
+                            f"{'volumes' if want == 3 else '2D images'}",
+                            where=example["id"], reason="image_rank")
+    return out
+
+
+@dataclasses.dataclass
+class Featurizer:
+    """Turns one example into fixed-shape model inputs (one call per example)."""
+    cfg: Any
+    tokenizer: Any
+    train: bool
+
+    def __post_init__(self):
+        self.ops = image_ops(self.cfg, train=self.train)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has no pad token")
+
+    def image_shape(self) -> tuple[int, ...]:
+        c = self.cfg
+        spatial = tuple(c.volume_shape) if c.volume_shape is not None else (c.image_size,) * 2
+        return spatial + (c.channels,)
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        c = self.cfg
+        if len(example["images"]) > c.max_images:
+            raise DataError(f"{len(example['images'])} images but data.max_images = "
+                            f"{c.max_images}", where=example["id"], reason="too_many_images")
+        images = [self.ops(x, rng) for x in decode_images(example, c)]
+        enc = chat.encode(self.tokenizer, example["messages"], c.template,
+                          num_image_tokens=c.num_image_tokens, num_images=len(images),
+                          max_length=c.max_length, truncation=c.truncation,
+                          prefix_lm=c.prefix_lm, where=example["id"])
+        n = len(enc.tokens)
+        pad = c.max_length - n
+
+        def padded(x, value):
+            return np.pad(np.asarray(x, np.int32), (0, pad), constant_values=value)
+
+        image_arr = np.zeros((c.max_images,) + self.image_shape(), np.float32)
+        for i, img in enumerate(images):
+            if img.shape != image_arr.shape[1:]:
+                raise DataError(f"preprocessed image has shape {img.shape}, expected "
+                                f"{image_arr.shape[1:]}", where=example["id"],
+                                reason="image_shape")
+            image_arr[i] = img
+        return {
+            "tokens": padded(enc.tokens, self.pad_id),
+            "input_mask": np.arange(c.max_length) < n,
+            "mask_ar": padded(enc.mask_ar, 1),
+            "loss_mask": padded(enc.loss_mask, 0),
+            "images": image_arr,
+            "image_mask": np.arange(c.max_images) < len(images),
+        }
+
+
+def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
+    """Wraps ``fn(x, rng)``: DataErrors are counted and the example dropped (returns None)."""
+
+    def call(x, rng):
+        try:
+            return fn(x, rng)
+        except DataError as e:
+            if skips is None:
+                raise
+            skips.add(e)
+            return None
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset.
+# --------------------------------------------------------------------------------------------
+
+def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "train",
+                  process_index: int = 0, process_count: int = 1,
+                  skips: SkipCounter | None = None) -> grain.IterDataset:
+    """The batched grain dataset of this process for ``split``.
+
+    Each source is shuffled (reshuffled every epoch) and repeated forever with its own seed, the
+    sources are mixed by weight, and process ``process_index`` of ``process_count`` takes every
+    ``process_count``-th element — the processes' shards are disjoint and together cover the
+    global batch. ``skips`` must be given when ``cfg.skip_bad_examples`` is set.
+    """
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    if cfg.skip_bad_examples and skips is None:
+        skips = SkipCounter()
+    train = split == "train"
+    featurize = Featurizer(cfg, tokenizer, train=train)
+    parts, weights = [], []
+    for i, (name, spec) in enumerate(sorted(dict(cfg.sources).items())):
+        src = build_source(name, dict(spec), split, cfg.qa_per_example)
+        if len(src.records) == 0:
+            raise ValueError(f"data.sources.{name} has no records")
+        ds = grain.MapDataset.source(src.records)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed + 7919 * i)
+        ds = ds.repeat()
+        guard = skips if cfg.skip_bad_examples else None
+        ds = ds.random_map(_guarded(src.to_example, guard), seed=cfg.seed + 104729 * i + 1)
+        parts.append(ds)
+        weights.append(src.weight)
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(_guarded(lambda ex, rng: ex and featurize(ex, rng),
+                                skips if cfg.skip_bad_examples else None),
+                       seed=cfg.seed + 2)
+    ds = ds.filter(lambda x: x is not None)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                 prefetch_buffer_size=cfg.prefetch))
+    return it_ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+
+
+def build_iterator(cfg, tokenizer, **kwargs):
+    """``iter(build_dataset(...))``: a grain iterator with ``get_state`` / ``set_state``."""
+    return iter(build_dataset(cfg, tokenizer, **kwargs))
+
+
+MEDSYNTH_TOKENIZER = "medsynth"
+
+
+def make_tokenizer(spec: str, *, cache_dir: str | None = None):
+    """``"medsynth"`` → the small MedSynth BPE tokenizer (trained on first use, then cached);
+    otherwise ``spec`` is a local directory holding a Hugging Face tokenizer."""
+    from medvl_jax.data import tokenizer as tok
+
+    if spec == MEDSYNTH_TOKENIZER:
+        from medvl_jax.data import medsynth
+
+        return tok.cached_tokenizer("medsynth", lambda: medsynth.corpus(2000, seed=0),
+                                    vocab_size=1024, cache_dir=cache_dir)
+    return tok.load_tokenizer(spec)
