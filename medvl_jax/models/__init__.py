@@ -1,0 +1,8 @@
+"""Models: functional Flax (linen) modules with logically named parameters.
+
+- ``masks``: ``make_attn_mask`` (prefix-LM / causal / image blocks / sliding windows).
+- ``layers``: RMSNorm, rotary embeddings, attention, gated MLP.
+- ``decoder``: ``DecoderConfig`` + ``Decoder`` for Llama/Mistral, Qwen2, Gemma 1/2/3; KV cache.
+- ``vision``: ``VisionConfig`` + ``VisionEncoder`` (SigLIP / CLIP ViT, 2D and tubelet 3D).
+- ``vlm``: ``VLMConfig`` + ``VLM`` (vision encoder + projector + decoder).
+"""
