@@ -58,7 +58,7 @@ class Projector(nn.Module):
     def __call__(self, x):
         """Projects (and for "gemma3" pools) the vision tokens."""
         c = self.config
-        wv, e = c.vision.width, c.text.embed_dim
+        wv, e = x.shape[-1], c.text.embed_dim  # Wider than the tower after token_merge.
         dt, pd = c.text.dtype, c.text.param_dtype
         init = nn.initializers.lecun_normal()
 

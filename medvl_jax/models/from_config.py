@@ -1,0 +1,63 @@
+"""Model configs from ``ml_collections`` config sections (plain dicts of dataclass fields).
+
+A config names model fields exactly as the dataclasses do; dtypes are strings ("float32",
+"bfloat16"). An unknown field is an error that names it and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from medvl_jax.models.decoder import DecoderConfig
+from medvl_jax.models.vision import VisionConfig
+from medvl_jax.models.vlm import VLMConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], where: str):
+    """``cls(**values)`` with dtype strings resolved and unknown fields named in the error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KeyError(f"{where}: unknown field(s) {unknown}; valid: {sorted(names)}")
+    kwargs = {}
+    for k, v in values.items():
+        if k in ("dtype", "param_dtype") and isinstance(v, str):
+            if v not in _DTYPES:
+                raise ValueError(f"{where}.{k}: unknown dtype {v!r}; one of {sorted(_DTYPES)}")
+            v = _DTYPES[v]
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def vlm_config(model: Mapping[str, Any], *, vocab_size: int, image_token_id: int) -> VLMConfig:
+    """A :class:`VLMConfig` from ``config.model`` = {"vision": {...}, "text": {...}, ...}.
+
+    ``vocab_size`` and ``image_token_id`` come from the tokenizer, so the two cannot disagree;
+    a ``text.vocab_size`` given in the config must equal the tokenizer's.
+    """
+    model = dict(model)
+    text = dict(model.pop("text"))
+    if text.get("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"model.text.vocab_size={text['vocab_size']} but the tokenizer has "
+                         f"{vocab_size} tokens")
+    text["vocab_size"] = vocab_size
+    vision = dataclass_from_dict(VisionConfig, dict(model.pop("vision")), "model.vision")
+    decoder = dataclass_from_dict(DecoderConfig, text, "model.text")
+    return dataclass_from_dict(VLMConfig, {**model, "vision": vision, "text": decoder,
+                                           "image_token_id": image_token_id}, "model")
+
+
+def num_image_tokens(config: VLMConfig) -> int:
+    """Decoder tokens one image becomes (what ``data.num_image_tokens`` must equal)."""
+    v = config.vision
+    if config.projector == "gemma3":
+        return config.mm_tokens_per_image
+    grid = v.image_size // v.patch_size
+    n = (grid // v.token_merge) ** 2
+    return n + (1 if v.layout == "clip" and not config.drop_cls else 0)
