@@ -140,14 +140,31 @@ def image_ops(cfg, *, train: bool) -> Callable:
 
 
 def to_unit_range(pixels: np.ndarray, modality: str | None, ct_window) -> np.ndarray:
-    """Maps decoded pixels to float32 in [0, 1]: integers by their dtype, CT HU by a window."""
-    if str(modality).lower() == "ct" and pixels.dtype != np.uint8:
-        return preprocess.ct_window(*ct_window)(pixels.astype(np.float32), None)
+    """Maps pixels to float32 in [0, 1].
+
+    Integers are divided by their dtype's maximum (uint8, uint16); CT in Hounsfield units
+    (int16, or floats outside [0, 1] with modality "ct") goes through ``ct_window``; other floats
+    already in [0, 1] (windowed DICOM, unit-range PNG) are kept, and the rest are min-max scaled.
+    """
     if pixels.dtype == np.uint8:
         return pixels.astype(np.float32) / 255.0
     if pixels.dtype == np.uint16:
         return pixels.astype(np.float32) / 65535.0
-    return pixels.astype(np.float32)
+    x = pixels.astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    if 0.0 <= lo and hi <= 1.0:
+        return x
+    if str(modality).lower() == "ct":
+        return preprocess.ct_window(*ct_window)(x, None)
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def read_file(path: str) -> readers.Image:
+    """Reads an image file: 8/16-bit PNG/JPEG scaled to [0, 1], DICOM windowed by its VOI
+    (so in [0, 1]), NIfTI in its stored units."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg")):
+        return readers.read_image(path, unit_range=True)
+    return readers.read_image(path)
 
 
 def decode_images(example: dict, cfg) -> list[np.ndarray]:
@@ -156,14 +173,14 @@ def decode_images(example: dict, cfg) -> list[np.ndarray]:
     modality = example["meta"].get("modality")
     for ref in example["images"]:
         if isinstance(ref, str):
-            img = readers.read_image(ref)
+            img = read_file(ref)
             out.append(to_unit_range(img.pixels, img.modality or modality, cfg.ct_window))
         else:
             out.append(to_unit_range(np.asarray(ref), modality, cfg.ct_window))
     want = 3 if cfg.volume_shape is not None else 2
     for arr in out:
-        spatial = arr.ndim - (1 if arr.ndim > want else 0)
-        if spatial != want and not (want == 2 and arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+        rgb = arr.ndim == want + 1 and arr.shape[-1] == 3
+        if arr.ndim != want and not rgb:
             raise DataError(f"image of shape {arr.shape} in a pipeline of "
                             f"{'volumes' if want == 3 else '2D images'}",
                             where=example["id"], reason="image_rank")
