@@ -9,6 +9,8 @@ Command (the README's main job):
 import ml_collections
 
 from medvl_jax.data import pipeline
+from medvl_jax.tasks import sft
+from medvl_jax.train import loop, optim
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,4 +30,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.num_image_tokens = 16
     c.data.max_length = 96
+
+    c.sft = sft.default_config()
+    # 64x64 images, 8x8 patches, 2x2 token merge -> 16 image tokens each.
+    c.model = ml_collections.ConfigDict(dict(
+        vision=dict(layout="siglip", image_size=64, patch_size=8, num_channels=1, width=128,
+                    depth=3, num_heads=4, mlp_dim=512, token_merge=2),
+        text=dict(embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                  mlp_dim=768, tie_embeddings=False, rope_theta=10000.0),
+        projector="mlp2x_gelu",
+    ))
+
+    c.optim = optim.default_config()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 5 if smoke else 100
+    c.optim.weight_decay = 1e-4
+
+    c.train = loop.default_config()
+    c.train.steps = 6 if smoke else 1500
+    c.train.log_every = 2 if smoke else 25
+    c.train.checkpoint_every = 3 if smoke else 500
+    c.sft.eval_studies = 4 if smoke else 150
     return c

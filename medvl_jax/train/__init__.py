@@ -1,0 +1,1 @@
+"""The shared training loop (``python -m medvl_jax.train``); see loop.py."""

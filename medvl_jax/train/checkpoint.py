@@ -1,0 +1,70 @@
+"""Checkpoints: Orbax, async, keep-N, atomic; train state + data iterator state + metadata.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``. Orbax writes each step to a
+temporary directory and renames it when complete, so a crash never leaves a half checkpoint
+that resume would pick up.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+SCHEMA_VERSION = 1
+
+
+def metadata(config: ml_collections.ConfigDict, task: str) -> dict:
+    """What is saved beside the state: schema version, task, model family and the config."""
+    return {"schema_version": SCHEMA_VERSION, "task": task,
+            "model_family": str(config.get("model_family", "medvl_vlm")),
+            "config": config.to_json_best_effort()}
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Refuses to resume a checkpoint of another task or schema version."""
+    for key in ("schema_version", "task", "model_family"):
+        if saved.get(key) != current.get(key):
+            raise ValueError(f"checkpoint {key}={saved.get(key)!r} does not match this run's "
+                             f"{current.get(key)!r}")
+
+
+class CheckpointManager:
+    """A thin wrapper naming the three items, so the loop reads as save/restore."""
+
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+        self._mngr = ocp.CheckpointManager(
+            directory, item_names=("state", "data", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._mngr.latest_step()
+
+    def save(self, step: int, state: Any, data_iter, meta: dict, *, force: bool = False) -> None:
+        """Starts saving (asynchronously); returns once the state is copied off the devices."""
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, target: Any, data_iter) -> tuple[Any, dict]:
+        """The state (placed as ``target``'s shardings say) and metadata; ``data_iter`` is set
+        to the saved position in place."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def restore_state(self, step: int, target: Any) -> Any:
+        """Only the train state (for evaluation or export)."""
+        return self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._mngr.wait_until_finished()

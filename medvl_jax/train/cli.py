@@ -1,0 +1,72 @@
+"""Command line of the training loop: load and validate a config, build its task, train."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import ml_collections
+
+from medvl_jax import config as config_lib
+from medvl_jax.data import pipeline
+from medvl_jax.tasks import sft
+from medvl_jax.train import loop, optim
+
+# Task name (config.task) -> (task class, its config section name, that section's defaults).
+TASKS = {"sft": (sft.SFTTask, "sft", sft.default_config)}
+
+_TOP_LEVEL = {"task", "tokenizer", "data", "model", "optim", "train", "model_family"}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on unknown keys or an unknown task."""
+    if config.get("task") not in TASKS:
+        raise ValueError(f"config.task must be one of {sorted(TASKS)}, got "
+                         f"{config.get('task')!r}")
+    _, section, defaults = TASKS[config.task]
+    allowed = _TOP_LEVEL | {section}
+    for key in config.keys():
+        if key not in allowed:
+            raise KeyError(f"unknown config key {key!r}; allowed at the top level: "
+                           f"{sorted(allowed)}")
+    for name, ref in (("data", pipeline.default_config()), ("optim", optim.default_config()),
+                      ("train", loop.default_config()), (section, defaults())):
+        if name in config:
+            config_lib.check_keys(config[name], ref, name + ".")
+
+
+def print_table(results: dict) -> None:
+    """The per-question-type table of an evaluation."""
+    if not results.get("per_type"):
+        return
+    print(f"\n{results['split']} set, {results['num_questions']} questions")
+    print(f"{'question type':<18}{'n':>6}{'score':>9}")
+    for qtype, row in results["per_type"].items():
+        print(f"{qtype:<18}{row['n']:>6}{100 * row['score']:>8.1f}%")
+    print(f"{'overall':<18}{results['num_questions']:>6}{100 * results['overall']:>8.1f}%")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides, rest = config_lib.parse_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m medvl_jax.train",
+                                description="Train a task from a config file.")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and results go here")
+    args = p.parse_args(rest)
+    config = config_lib.load_config(args.config, overrides)
+    validate(config)
+    from medvl_jax.parallel.mesh import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    tokenizer = pipeline.make_tokenizer(config.tokenizer)
+    task_cls = TASKS[config.task][0]
+    task = task_cls(config, tokenizer)
+    results = loop.train(config, args.workdir, task)
+    print_table(results)
+    if results.get("per_type"):
+        path = os.path.join(args.workdir, "results.json")
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in results.items() if k != "predictions"}, f, indent=1)
+        print(f"results written to {path}")
+    return 0

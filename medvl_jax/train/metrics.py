@@ -1,0 +1,85 @@
+"""Metrics: JSONL lines and TensorBoard events in the workdir, and a console progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import tqdm
+
+
+class MetricsWriter:
+    """Writes ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events under
+    ``tb/`` and evaluation results as ``eval_<step>.json``. Only process 0 writes."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.workdir, self.enabled = workdir, enabled
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # TF-free event writer.
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, row: dict) -> None:
+        """One metrics line (and a TensorBoard scalar per numeric value)."""
+        if not self.enabled:
+            return
+        self._f.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._f.flush()
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self._tb.add_scalar(f"train/{k}", v, step)
+
+    def write_eval(self, step: int, results: dict) -> None:
+        """Evaluation results to ``eval_<step>.json`` and TensorBoard."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.workdir, f"eval_{step}.json"), "w") as f:
+            json.dump({"step": step, **results}, f, indent=1)
+        for k, v in _flatten(results).items():
+            self._tb.add_scalar(f"eval/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            self._tb.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Progress:
+    """A tqdm bar over steps with ETA; shows the latest loss."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True):
+        self._bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, unit="step",
+                              dynamic_ncols=True)
+        self._n = start
+
+    def update(self, step: int, row: dict | None = None) -> None:
+        self._bar.update(step - self._n)
+        self._n = step
+        if row:
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                  tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def step_flops(step_fn, *args) -> float | None:
+    """FLOPs of one compiled step from XLA's cost analysis (None if unavailable)."""
+    try:
+        cost = step_fn.lower(*args).compile().cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # Cost analysis is best-effort and backend-dependent.
+        return None
