@@ -35,18 +35,25 @@ def dataclass_from_dict(cls, values: Mapping[str, Any], where: str):
     return cls(**kwargs)
 
 
+def padded_vocab_size(n: int, multiple: int = 128) -> int:
+    """``n`` rounded up to a multiple of ``multiple``, so the vocabulary axis shards evenly."""
+    return -(-n // multiple) * multiple
+
+
 def vlm_config(model: Mapping[str, Any], *, vocab_size: int, image_token_id: int) -> VLMConfig:
     """A :class:`VLMConfig` from ``config.model`` = {"vision": {...}, "text": {...}, ...}.
 
-    ``vocab_size`` and ``image_token_id`` come from the tokenizer, so the two cannot disagree;
-    a ``text.vocab_size`` given in the config must equal the tokenizer's.
+    ``vocab_size`` (the tokenizer's length) and ``image_token_id`` come from the tokenizer, so
+    the two cannot disagree. Without ``text.vocab_size`` in the config the embedding table gets
+    ``vocab_size`` rounded up to a multiple of 128 (the extra rows are never targets); a given
+    ``text.vocab_size`` must hold every token of the tokenizer.
     """
     model = dict(model)
     text = dict(model.pop("text"))
-    if text.get("vocab_size", vocab_size) != vocab_size:
+    if text.get("vocab_size", vocab_size) < vocab_size:
         raise ValueError(f"model.text.vocab_size={text['vocab_size']} but the tokenizer has "
                          f"{vocab_size} tokens")
-    text["vocab_size"] = vocab_size
+    text.setdefault("vocab_size", padded_vocab_size(vocab_size))
     vision = dataclass_from_dict(VisionConfig, dict(model.pop("vision")), "model.vision")
     decoder = dataclass_from_dict(DecoderConfig, text, "model.text")
     return dataclass_from_dict(VLMConfig, {**model, "vision": vision, "text": decoder,

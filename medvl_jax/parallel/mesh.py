@@ -1,4 +1,8 @@
-"""Device meshes and the logical-axis rules that map parameter/activation names onto them."""
+"""Device meshes, batch placement and multi-host helpers.
+
+The mesh always has the three axes ``('data', 'fsdp', 'tensor')`` (size 1 where unused), so
+the logical-axis rules (rules.py) apply unchanged from one CPU to a pod.
+"""
 from __future__ import annotations
 
 import math
@@ -9,33 +13,27 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medvl_jax.parallel import rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical name -> mesh axis (or axes). Names absent here are replicated.
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("vision_embed", "fsdp"),
-    ("vision_mlp", "tensor"),
-    ("vision_heads", "tensor"),
-    ("vision_length", None),
-)
+RULES = rules.RULES  # Re-exported: the table lives in rules.py.
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ``('data', 'fsdp', 'tensor')``; one size may be -1 (= the rest)."""
+    """A mesh with axes ``('data', 'fsdp', 'tensor')`` over ``devices`` (default: all).
+
+    ``shape`` maps axis names to sizes, e.g. ``{"data": -1, "fsdp": 1, "tensor": 1}``; missing
+    axes are 1 and one size may be -1 (= the rest). The sizes must multiply to the number of
+    devices, or a ValueError says why not.
+    """
     devices = list(devices if devices is not None else jax.devices())
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got {dict(shape)}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
@@ -46,7 +44,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    try:  # Topology-aware device order on TPU/GPU; plain order elsewhere.
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # noqa: BLE001 - any failure: fall back to the given order.
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -57,6 +60,18 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch_from_local(local_batch, mesh: Mesh, sharding: NamedSharding | None = None):
+    """This process's part of the batch (a pytree of arrays with a leading batch axis) as
+    global ``jax.Array``s split over the batch axes of ``mesh``.
+
+    Every process passes its own rows (``global batch / process_count`` of them); on one
+    process this is just a sharded device_put.
+    """
+    sharding = sharding or batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_batch)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -1,0 +1,1 @@
+"""KV-cache generation (prefill + ``lax.while_loop`` decode) and sampling filters."""

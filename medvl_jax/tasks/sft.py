@@ -19,7 +19,8 @@ def default_config() -> ml_collections.ConfigDict:
     """The ``sft`` section of a config."""
     c = ml_collections.ConfigDict()
     c.normalise = "token"  # "token" or "example"
-    c.eval_studies = 100   # MedSynth studies per source for evaluation (all their questions).
+    c.eval_studies = 100   # MedSynth studies per source to evaluate on (all their questions);
+                           # 0 = no evaluation.
     c.eval_batch_size = 64
     c.eval_max_new_tokens = 16
     return c
@@ -91,7 +92,7 @@ class SFTTask:
 
         out = []
         for name, spec in sorted(dict(self.config.data.sources).items()):
-            if spec["kind"] != "medsynth":
+            if spec["kind"] != "medsynth" or not self.config.sft.eval_studies:
                 continue
             src = medsynth.MedSynthSource(medsynth.MedSynthConfig(
                 kind=spec["medsynth_kind"], split=split,

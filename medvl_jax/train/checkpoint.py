@@ -60,8 +60,8 @@ class CheckpointManager:
             meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
-    def restore_state(self, step: int, target: Any) -> Any:
-        """Only the train state (for evaluation or export)."""
+    def restore_state(self, step: int, target: Any = None) -> Any:
+        """Only the train state (for evaluation or export); without a ``target``, as saved."""
         return self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
 

@@ -127,12 +127,13 @@ def make_train_step(task, tx, lr_schedule, grad_accum: int):
     return step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, task, *, devices=None) -> dict:
     """Trains ``task`` as ``config`` says, in ``workdir`` (resuming from it if it holds a
-    checkpoint). Returns the final evaluation results."""
+    checkpoint). ``devices``: the mesh's devices (default: all). Returns the final evaluation
+    results."""
     tc = config.train
     os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(dict(tc.mesh))
+    mesh = mesh_lib.make_mesh(dict(tc.mesh), devices)
     dp = mesh_lib.data_parallel_size(mesh)
     bs = config.data.batch_size
     if bs % dp:
@@ -206,8 +207,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task) -> dict:
         for step in range(start, tc.steps):
             local = next(data_iter)
             batch = to_global(local)
-            if flops is None:
-                flops = metrics_lib.step_flops(step_fn, state, batch, step_rng)
+            if flops is None:  # Compile once, and read the step's FLOPs off the compiled step.
+                step_fn = step_fn.lower(state, batch, step_rng).compile()
+                flops = metrics_lib.compiled_flops(step_fn)
             state, m = step_fn(state, batch, step_rng)
             window_steps += 1
             window_tokens += int(local["input_mask"].sum()) * jax.process_count()

@@ -74,12 +74,12 @@ class Progress:
         self._bar.close()
 
 
-def step_flops(step_fn, *args) -> float | None:
-    """FLOPs of one compiled step from XLA's cost analysis (None if unavailable)."""
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of a compiled step from XLA's cost analysis (None if the backend gives none)."""
     try:
-        cost = step_fn.lower(*args).compile().cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # Cost analysis is best-effort and backend-dependent.
+        cost = compiled.cost_analysis()
+    except Exception:  # Best-effort and backend-dependent.
         return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0)) or None

@@ -1,0 +1,135 @@
+"""Generate text from a medvl_jax checkpoint (a text decoder or a VLM).
+
+    python -m medvl_jax.generate --checkpoint DIR --prompt TEXT [--image FILE ...]
+        [--max_new_tokens 64 --temperature 0 --top_k 0 --top_p 1 --seed 0]
+
+The checkpoint is one written by ``medvl_jax.convert.from_hf`` (or the training loop) with its
+tokenizer in ``DIR/tokenizer``. The prompt goes through the tokenizer's chat template when it
+has one (a single user turn plus the generation prompt), else it is used as raw text. For a VLM,
+each ``--image`` (PNG/JPEG/DICOM/NIfTI slice stack, read with
+``medvl_jax.data.readers.read_image``) is scaled to [0, 1] by its own min/max, turned into 3
+channels, resized to the vision tower's size, normalised with the processor's mean/std
+(``preprocessor_config.json``, else 0.5/0.5), and its image tokens are placed before the text.
+PaliGemma prompts are a bidirectional prefix, as in its training. Greedy by default
+(``--temperature 0``); stops at the tokenizer's EOS. Prints the generated text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from medvl_jax.convert import checkpoint_io
+from medvl_jax.data.errors import DataError
+from medvl_jax.models.from_config import num_image_tokens
+from medvl_jax.models.vlm import VLMConfig
+from medvl_jax.sampling.sampler import generate
+
+
+def preprocess_image(path: str, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+                     ) -> np.ndarray:
+    """Reads an image file and returns float32 ``[size, size, 3]`` ready for the vision tower.
+
+    A volume or multi-frame file contributes its middle slice.
+    """
+    from medvl_jax.data.preprocess import linear_resize
+    from medvl_jax.data.readers import read_image
+
+    x = np.asarray(read_image(path).pixels, np.float32)
+    if x.ndim == 4:  # multi-frame colour
+        x = x[x.shape[0] // 2]
+    if x.ndim == 3 and x.shape[-1] not in (3, 4):  # volume: middle slice
+        x = x[x.shape[0] // 2]
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    x = x[..., :3]
+    if x.ndim != 3:
+        raise DataError(f"cannot make an RGB image of shape {x.shape}", where=path,
+                        reason="bad_dimensionality")
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    x = linear_resize(x, (size, size), axes=(0, 1), antialias=True)
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+def _processor_stats(tok_dir: str | None) -> tuple[tuple, tuple]:
+    if tok_dir is not None:
+        path = os.path.join(tok_dir, "preprocessor_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                cfg = json.load(f)
+            return tuple(cfg.get("image_mean", (0.5,) * 3)), tuple(cfg.get("image_std", (0.5,) * 3))
+    return (0.5,) * 3, (0.5,) * 3
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of the prompt: chat template (user turn + generation prompt) if any, else raw."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+    return list(tokenizer(text)["input_ids"])
+
+
+def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens: int = 64,
+        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    """Loads the checkpoint, generates and returns the decoded completion."""
+    from medvl_jax.data.tokenizer import load_tokenizer
+
+    model, params, meta = checkpoint_io.load_checkpoint(checkpoint)
+    config = model.config
+    tok_dir = checkpoint_io.tokenizer_dir(checkpoint)
+    if tok_dir is None:
+        raise checkpoint_io.CheckpointError(f"{checkpoint}: no tokenizer/ directory")
+    tokenizer = load_tokenizer(tok_dir)
+    ids = prompt_ids(tokenizer, prompt)
+    pixels, mask_ar = None, None
+    if images:
+        if not isinstance(config, VLMConfig):
+            raise checkpoint_io.CheckpointError(
+                f"{checkpoint}: --image given but {meta['family']} is a text-only model")
+        mean, std = _processor_stats(tok_dir)
+        pixels = np.stack([preprocess_image(p, config.vision.image_size, mean, std)
+                           for p in images])[None]
+        ids = [config.image_token_id] * (num_image_tokens(config) * len(images)) + ids
+    if isinstance(config, VLMConfig) and config.projector == "linear":
+        mask_ar = np.zeros((1, len(ids)), np.int32)  # PaliGemma: bidirectional prefix
+    stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    out = generate(config, params, np.asarray([ids], np.int32), images=pixels, mask_ar=mask_ar,
+                   max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
+                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops)
+    new = out.tokens[0, :out.lengths[0]].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        text = run(args.checkpoint, args.prompt, args.image, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed)
+    except (checkpoint_io.CheckpointError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

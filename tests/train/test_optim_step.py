@@ -1,0 +1,112 @@
+"""Optimizer and train step on a tiny linear task, against hand formulas."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from medvl_jax.train import loop, optim
+
+
+class LinearTask:
+    """loss = mean((x @ w + b - y)^2) over the batch."""
+
+    def loss(self, params, batch, rng):
+        pred = batch["x"] @ params["w"] + params["b"]
+        loss = jnp.mean((pred - batch["y"]) ** 2)
+        return loss, {"mean_pred": pred.mean()}
+
+
+def _cfg(**kw):
+    c = optim.default_config()
+    c.update(kw)
+    return c
+
+
+def _state(params, tx):
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), nonfinite_total=jnp.zeros((), jnp.int32),
+                           nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+def _data(n=8, seed=0):
+    r = np.random.default_rng(seed)
+    return {"x": r.normal(size=(n, 3)).astype(np.float32),
+            "y": r.normal(size=(n, 2)).astype(np.float32)}
+
+
+PARAMS = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+
+
+def test_schedule_matches_hand_formula():
+    c = _cfg(lr=0.1, warmup_steps=10, schedule="cosine", end_lr_fraction=0.1)
+    s = optim.schedule(c, total_steps=110)
+    assert float(s(5)) == pytest.approx(0.05)
+    for t in (10, 40, 110):
+        frac = (t - 10) / 100
+        want = 0.1 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+        assert float(s(t)) == pytest.approx(want, rel=1e-5)
+    lin = optim.schedule(_cfg(lr=0.1, warmup_steps=0, schedule="linear"), total_steps=100)
+    assert float(lin(25)) == pytest.approx(0.075)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        optim.schedule(_cfg(schedule="step"), 10)
+
+
+def test_adamw_first_step_and_freezing():
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.0, freeze="^b$")
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    step = jax.jit(loop.make_train_step(LinearTask(), tx, sched, grad_accum=1))
+    batch = _data()
+    new, m = step(_state(PARAMS, tx), batch, jax.random.key(0))
+    # Adam's first update is lr * g / (|g| + eps) = lr * sign(g) elementwise.
+    g = jax.grad(lambda p: LinearTask().loss(p, batch, None)[0])(PARAMS)
+    np.testing.assert_allclose(new.params["w"], PARAMS["w"] - 0.01 * np.sign(g["w"]), rtol=1e-5)
+    np.testing.assert_array_equal(new.params["b"], PARAMS["b"])  # Frozen: bit-identical.
+    assert int(new.step) == 1
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.make_optimizer(_cfg(freeze="^nothing$"), PARAMS, 10)
+
+
+def test_lr_groups_scale_the_update():
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.0, lr_groups={"^b$": 0.5})
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    batch = _data()
+    new, _ = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1))(
+        _state(PARAMS, tx), batch, jax.random.key(0))
+    g = jax.grad(lambda p: LinearTask().loss(p, batch, None)[0])(PARAMS)
+    np.testing.assert_allclose(new.params["b"], -0.005 * np.sign(g["b"]), rtol=1e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.5)
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    batch = _data(16)
+    one = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1))
+    four = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 4))
+    s1, s4 = _state(PARAMS, tx), _state(PARAMS, tx)
+    for i in range(3):
+        s1, m1 = one(s1, batch, jax.random.key(0))
+        s4, m4 = four(s4, batch, jax.random.key(0))
+        np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    for k in PARAMS:
+        np.testing.assert_allclose(s1.params[k], s4.params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_batch_is_skipped_and_counted():
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant")
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    step = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1))
+    good, bad = _data(), _data()
+    bad["x"][0, 0] = np.nan
+    s, _ = step(_state(PARAMS, tx), good, jax.random.key(0))
+    s_bad, m = step(s, bad, jax.random.key(0))
+    assert not np.isfinite(float(m["loss"]))
+    for k in PARAMS:
+        np.testing.assert_array_equal(s_bad.params[k], s.params[k])
+    assert int(s_bad.nonfinite_total) == 1 and int(s_bad.nonfinite_streak) == 1
+    s_bad2, _ = step(s_bad, bad, jax.random.key(0))
+    assert int(s_bad2.nonfinite_streak) == 2
+    s_ok, _ = step(s_bad2, good, jax.random.key(0))
+    assert int(s_ok.nonfinite_streak) == 0 and int(s_ok.nonfinite_total) == 2
+    assert int(s_ok.step) == 4
