@@ -4,6 +4,13 @@ Command (the README's main job):
 
     python -m medvl_jax.train --config configs/medsynth_sft.py --workdir /tmp/medsynth_sft
 
+500 steps of batch 32 (cxr studies + prior/current pairs, 64x64 images, a 4M-parameter VLM:
+3-layer ViT, 2x2 token merge, 4-layer decoder) take about 1.3-1.8 s/step on 2 CPU cores, then
+the per-question-type table on MedSynth test is printed and written to <workdir>/results.json.
+Measured so far (2 cores, 2026-11-25): train loss 0.91 at step 100 and 0.65 at step 125;
+at step 100 the test table was still near chance on closed questions (52.8%). The full 500-step
+numbers are not recorded yet.
+
 `:smoke` runs a few steps on tiny data in seconds (used by tests).
 """
 import ml_collections
@@ -43,12 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = optim.default_config()
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 5 if smoke else 100
+    c.optim.warmup_steps = 5 if smoke else 50
     c.optim.weight_decay = 1e-4
 
     c.train = loop.default_config()
-    c.train.steps = 6 if smoke else 1500
+    c.train.steps = 6 if smoke else 500
     c.train.log_every = 2 if smoke else 25
-    c.train.checkpoint_every = 3 if smoke else 500
-    c.sft.eval_studies = 4 if smoke else 150
+    c.train.checkpoint_every = 3 if smoke else 250
+    c.sft.eval_studies = 4 if smoke else 60
     return c
