@@ -77,13 +77,23 @@ def global_batch_from_local(local_batch, mesh: Mesh, sharding: NamedSharding | N
 def maybe_initialize_distributed() -> bool:
     """Calls ``jax.distributed.initialize()`` only when the environment is multi-process.
 
-    Multi-process means a coordinator address is set (JAX_COORDINATOR_ADDRESS), a SLURM job
-    with several tasks, or a TPU pod slice with several workers. Returns whether it did.
+    Multi-process means a coordinator address is set (``JAX_COORDINATOR_ADDRESS``, with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` for a local or hand-made launch), a SLURM job
+    with several tasks, or a TPU pod slice with several workers. A single process does
+    nothing. Returns whether the runtime is (now) distributed.
     """
     env = os.environ
     multi = ("JAX_COORDINATOR_ADDRESS" in env
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if multi:
-        jax.distributed.initialize()
-    return multi
+    if not multi:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in env:
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True

@@ -2,18 +2,21 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``. Orbax writes each step to a
 temporary directory and renames it when complete, so a crash never leaves a half checkpoint
-that resume would pick up.
+that resume would pick up. ``data`` is grain's iterator state, one JSON file per process.
+
+Restoring onto another mesh (or device count) is restoring with a target whose leaves carry
+the new shardings (state.abstract_state); Orbax reads each device's slice from the saved
+arrays.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TrainState.nonfinite_worst_streak
 
 
 def metadata(config: ml_collections.ConfigDict, task: str) -> dict:
@@ -64,6 +67,11 @@ class CheckpointManager:
         """Only the train state (for evaluation or export); without a ``target``, as saved."""
         return self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
+
+    def read_metadata(self, step: int) -> dict:
+        """The metadata saved with ``step`` (config, schema version, task, model family)."""
+        return self._mngr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

@@ -20,7 +20,8 @@ _TOP_LEVEL = {"task", "tokenizer", "data", "model", "optim", "train", "model_fam
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key, on unknown keys or an unknown task."""
+    """Fails fast, naming the key, on unknown keys (at the top level and inside the data,
+    optim, train and task sections) or an unknown task."""
     if config.get("task") not in TASKS:
         raise ValueError(f"config.task must be one of {sorted(TASKS)}, got "
                          f"{config.get('task')!r}")
@@ -33,7 +34,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, ref in (("data", pipeline.default_config()), ("optim", optim.default_config()),
                       ("train", loop.default_config()), (section, defaults())):
         if name in config:
-            config_lib.check_keys(config[name], ref, name + ".")
+            loop.validate_config(config[name], ref, prefix=name + ".")
 
 
 def print_table(results: dict) -> None:
@@ -48,6 +49,8 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m medvl_jax.train --config FILE[:ARG] --workdir DIR [--config.k=v ...]``:
+    loads and validates the config, builds its task and trains; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     overrides, rest = config_lib.parse_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m medvl_jax.train",

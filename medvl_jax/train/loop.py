@@ -1,34 +1,45 @@
 """The one training loop every task shares.
 
-    mesh → data → model state (shape-first, sharded; or resumed) → jitted step
-      → loop: step, metrics, checkpoints, evaluations → final evaluation
+    config checks → mesh → data → state (shape-first, sharded; or resumed) → jitted step
+      → loop: step, metrics, checkpoints, evaluations, guards → final evaluation
 
 A task (see :mod:`medvl_jax.train.task`) gives the model and the loss; this module owns
 everything else. Determinism: the step's RNG is ``fold_in(seed, step)`` and the data position
 is saved with every checkpoint, so a resumed run continues bit-exactly (on CPU).
+
+Guards: a step whose loss or gradient norm is not finite applies no update (decided inside
+the jitted step, so nothing syncs for it) and is counted in the state; when
+``train.max_nonfinite_in_a_row`` such steps follow each other the run stops with a
+FloatingPointError at the next log line, keeping the last good checkpoint. SIGTERM (a
+preemption notice) makes the loop save at the next step boundary and return.
 """
 from __future__ import annotations
 
-import json
+import difflib
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
-import flax
-import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from medvl_jax.data import pipeline
-from medvl_jax.data.errors import SkipCounter
 from medvl_jax.parallel import mesh as mesh_lib
+from medvl_jax.parallel import rules as rules_lib
 from medvl_jax.train import checkpoint as ckpt_lib
 from medvl_jax.train import metrics as metrics_lib
 from medvl_jax.train import optim
+from medvl_jax.train import state as state_lib
+from medvl_jax.train import task as task_lib
+
+TrainState = state_lib.TrainState  # Re-exported for callers of the loop.
+
+# Config paths whose entries are user-named (not checked against the defaults).
+OPEN_KEYS = ("data.sources", "optim.lr_groups", "train.mesh")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -38,8 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every = 10
     c.eval_every = 0              # 0: evaluate only at the end.
-    c.checkpoint_every = 200
+    c.checkpoint_every = 200      # Also saved at the end; 0: only on SIGTERM.
     c.keep_checkpoints = 2
+    c.async_checkpoints = True
     c.max_nonfinite_in_a_row = 5  # Abort after this many skipped (non-finite) steps in a row.
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.peak_flops_per_device = 0.0  # For the MFU estimate; 0 = not reported.
@@ -47,18 +59,130 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training, as one pytree."""
-    step: jnp.ndarray
-    params: Any
-    opt_state: Any
-    nonfinite_total: jnp.ndarray
-    nonfinite_streak: jnp.ndarray
+# ---------------------------------------------------------------------------------------------
+# Config checks
+# ---------------------------------------------------------------------------------------------
+
+def validate_config(config: Mapping, schema: Mapping, *, prefix: str = "",
+                    open_keys: tuple[str, ...] = OPEN_KEYS) -> None:
+    """Raises KeyError naming the first key of ``config`` that ``schema`` (a config of
+    defaults) does not have, with close matches as a hint. Sections are compared recursively,
+    except the user-named entries under ``open_keys``."""
+    for key in config.keys():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown config key {full!r}{hint}")
+        sub, ref = config[key], schema[key]
+        if hasattr(sub, "keys") and hasattr(ref, "keys") and full not in open_keys:
+            validate_config(sub, ref, prefix=full + ".", open_keys=open_keys)
+
+
+def _check_batch(batch_size: int, dp: int, grad_accum: int, mesh) -> None:
+    if grad_accum < 1:
+        raise ValueError(f"optim.grad_accum must be >= 1, got {grad_accum}")
+    if batch_size % dp:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by the data-parallel "
+                         f"size {dp} (mesh {dict(mesh.shape)})")
+    if batch_size % (grad_accum * dp):
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by optim.grad_accum="
+                         f"{grad_accum} x the data-parallel size {dp}")
+    if batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    grad_accum: int, mesh=None) -> Callable:
+    """The (unjitted) step ``(state, batch, base_rng) -> (state, metrics)``.
+
+    With ``grad_accum = k`` the batch is split into k equal microbatches, taken with stride k
+    (rows i, i+k, ...) so that each one stays spread over all data-parallel devices; loss,
+    metrics and gradients are averaged over a ``lax.scan``. The update is skipped (state kept,
+    counters raised) when the loss or gradient norm is not finite.
+    """
+
+    def loss_and_grad(params, batch, rng):
+        (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+        return loss, aux, grads
+
+    def split(x):
+        m = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+            m = jax.lax.with_sharding_constraint(m, jax.sharding.NamedSharding(mesh, spec))
+        return m
+
+    def step(state: state_lib.TrainState, batch, base_rng):
+        rng = jax.random.fold_in(base_rng, state.step)
+        if grad_accum == 1:
+            loss, aux, grads = loss_and_grad(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, mb):
+                i, acc = carry
+                out = loss_and_grad(state.params, mb, jax.random.fold_in(rng, i))
+                return (i + 1, jax.tree.map(jnp.add, acc, out)), None
+
+            shapes = jax.eval_shape(loss_and_grad, state.params,
+                                    jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (_, total), _ = jax.lax.scan(body, (0, zeros), micro)
+            loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, total)
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state_lib.TrainState(
+            step=state.step + 1, params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            nonfinite_streak=streak,
+            nonfinite_worst_streak=jnp.maximum(state.nonfinite_worst_streak, streak))
+        metrics = {"loss": loss, "grad_norm": gnorm, "learning_rate": lr_schedule(state.step),
+                   **aux}
+        return new_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and preemption
+# ---------------------------------------------------------------------------------------------
+
+def _data_iterator(config, task, data_iter_fn, skips):
+    """The train iterator: ``data_iter_fn``, else the task's own, else the grain pipeline of
+    ``config.data`` with the task's tokenizer."""
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if data_iter_fn is not None:
+        it = data_iter_fn(config, **where)
+    elif hasattr(task, "data_iterator"):
+        it = task.data_iterator(config, **where)
+    else:
+        from medvl_jax.data import pipeline
+
+        it = pipeline.build_iterator(config.data, task.tokenizer, split="train", skips=skips,
+                                     **where)
+    if not isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator)):
+        raise TypeError(f"the train data must be a grain iterator (DatasetIterator or "
+                        f"DataLoaderIterator) so its position can be checkpointed; got "
+                        f"{type(it).__name__}")
+    return it
 
 
 class _Preempted:
-    """Turns SIGTERM into a flag checked at step boundaries (TPU preemption notice)."""
+    """Turns SIGTERM into a flag checked at step boundaries (TPU/SLURM preemption notice)."""
 
     def __init__(self):
         self.flag = False
@@ -77,182 +201,169 @@ class _Preempted:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
+    def any_process(self) -> bool:
+        """Whether any process got the signal (a collective when there are several)."""
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
 
-def _shardings(abstract, mesh):
-    """NamedShardings for a boxed (logically partitioned) abstract pytree."""
-    specs = nn.get_partition_spec(abstract)
-    with mesh:
-        return nn.logical_to_mesh_sharding(specs, mesh, mesh_lib.RULES)
-
-
-def make_train_step(task, tx, lr_schedule, grad_accum: int):
-    """The (unjitted) step: loss + grads over ``grad_accum`` microbatches, guarded update."""
-
-    def loss_and_grad(params, batch, rng):
-        (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
-        return loss, aux, grads
-
-    def step(state: TrainState, batch, base_rng):
-        rng = jax.random.fold_in(base_rng, state.step)
-        if grad_accum == 1:
-            loss, aux, grads = loss_and_grad(state.params, batch, rng)
-        else:
-            micro = jax.tree.map(
-                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-
-            def body(carry, mb):
-                i, acc = carry
-                l, a, g = loss_and_grad(state.params, mb, jax.random.fold_in(rng, i))
-                acc = jax.tree.map(jnp.add, acc, (l, a, g))
-                return (i + 1, acc), None
-
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                loss_and_grad, state.params, jax.tree.map(lambda x: x[0], micro), rng))
-            (_, (loss, aux, grads)), _ = jax.lax.scan(body, (0, zeros), micro)
-            loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
-        gnorm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
-        new_state = TrainState(
-            step=state.step + 1, params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
-        metrics = {"loss": loss, "grad_norm": gnorm, "learning_rate": lr_schedule(state.step),
-                   **aux}
-        return new_state, metrics
-
-    return step
+        flags = multihost_utils.process_allgather(np.asarray(self.flag, np.int32))
+        return bool(np.asarray(flags).any())
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task, *, devices=None) -> dict:
-    """Trains ``task`` as ``config`` says, in ``workdir`` (resuming from it if it holds a
-    checkpoint). ``devices``: the mesh's devices (default: all). Returns the final evaluation
-    results."""
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def train(config: ml_collections.ConfigDict, workdir: str, task, *,
+          data_iter_fn: Callable | None = None, devices=None,
+          pretrained: Mapping[str, Any] | None = None, fresh: str | None = None) -> dict:
+    """Trains ``task`` as ``config`` says, in ``workdir``, resuming from its newest checkpoint.
+
+    config: sections ``train`` (see default_config), ``optim`` (optim.default_config) and
+        ``data`` (needs ``batch_size``, the global batch); ``train`` and ``optim`` are checked
+        for unknown keys here, the whole config by the CLI.
+    data_iter_fn: ``fn(config, *, process_index, process_count)`` → a grain iterator of this
+        process's batches (dicts of arrays, ``batch_size / process_count`` rows each).
+    devices: the mesh's devices (default: all).
+    pretrained, fresh: weights loaded before the rest is initialised (state.init_params);
+        ignored when resuming.
+
+    Returns the evaluation results: ``{evaluator name: results}`` for tasks with
+    ``evaluators()``, the task's ``evaluate(params, "test")`` for tasks with ``evaluate``,
+    or ``{"preempted_at": step}`` after a SIGTERM.
+    """
+    task_lib.check_task(task)
+    validate_config(config.train, default_config(), prefix="train.")
+    validate_config(config.optim, optim.default_config(), prefix="optim.")
     tc = config.train
     os.makedirs(workdir, exist_ok=True)
+
+    # --- mesh ------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(dict(tc.mesh), devices)
     dp = mesh_lib.data_parallel_size(mesh)
-    bs = config.data.batch_size
-    if bs % dp:
-        raise ValueError(f"data.batch_size={bs} is not divisible by the data-parallel size {dp} "
-                         f"(mesh {dict(mesh.shape)})")
-    if bs % config.optim.grad_accum:
-        raise ValueError(f"data.batch_size={bs} is not divisible by optim.grad_accum="
-                         f"{config.optim.grad_accum}")
+    bs = int(config.data.batch_size)
+    _check_batch(bs, dp, int(config.optim.grad_accum), mesh)
 
     # --- data ------------------------------------------------------------------------------
+    from medvl_jax.data.errors import SkipCounter
+
     skips = SkipCounter()
-    data_iter = pipeline.build_iterator(config.data, task.tokenizer, split="train",
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count(), skips=skips)
+    data_iter = _data_iterator(config, task, data_iter_fn, skips)
 
-    # --- model state: shapes first, then shardings, then a sharded init ----------------------
-    rng = jax.random.key(tc.seed)
-    init_rng, step_rng = jax.random.split(rng)
+    # --- optimizer and state: shapes first, then shardings, then a sharded init -------------
+    init_rng, step_rng = jax.random.split(jax.random.key(tc.seed))
     dummy = task.dummy_batch(bs // jax.process_count())
-    boxed = jax.eval_shape(task.init, init_rng, dummy)
-    param_shardings = _shardings(boxed, mesh)
-    tx, lr_schedule = optim.make_optimizer(config.optim, nn.unbox(boxed), tc.steps)
-
-    def init_state(r):
-        params = nn.unbox(task.init(r, dummy))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), nonfinite_total=jnp.zeros((), jnp.int32),
-                          nonfinite_streak=jnp.zeros((), jnp.int32))
-
-    abstract_state = jax.eval_shape(init_state, init_rng)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Optimizer moments follow their parameters' shardings; scalars are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-        transform_non_params=lambda _: replicated)
-    state_shardings = TrainState(step=replicated, params=param_shardings,
-                                 opt_state=opt_shardings, nonfinite_total=replicated,
-                                 nonfinite_streak=replicated)
+    _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
+    tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, tc.steps)
+    target, shardings = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
 
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                         keep=tc.keep_checkpoints)
+                                         keep=tc.keep_checkpoints,
+                                         async_save=tc.async_checkpoints)
     meta = ckpt_lib.metadata(config, task.name)
     latest = manager.latest_step()
     if latest is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_shardings)
         state, saved_meta = manager.restore(latest, target, data_iter)
         ckpt_lib.check_compatible(saved_meta, meta)
         print(f"resumed from step {latest} in {workdir}")
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        state, _ = state_lib.init_state(task.init, tx, mesh, init_rng, dummy,
+                                        pretrained=pretrained, fresh=fresh)
 
-    # --- the jitted step -------------------------------------------------------------------
+    # --- the jitted step: explicit shardings, donated state, compiled once ------------------
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(task, tx, lr_schedule, config.optim.grad_accum),
-                      in_shardings=(state_shardings, batch_sharding, replicated),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    replicated = rules_lib.replicated(mesh)
+    step_jit = jax.jit(
+        make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh),
+        in_shardings=(shardings, batch_sharding, replicated),
+        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    step_fn = None
 
-    def to_global(local):
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
-
-    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    flops = None
+    # --- metrics ----------------------------------------------------------------------------
+    lead = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
     start = int(state.step)
-    progress = metrics_lib.Progress(start, tc.steps, enabled=tc.progress
-                                    and jax.process_index() == 0)
+    progress = metrics_lib.Progress(start, tc.steps, enabled=bool(tc.progress) and lead)
+    evals = task_lib.evaluators(task)
+    flops_per_device = None  # FLOPs of one step on one device.
     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+
+    def run_evals(step: int) -> dict:
+        out = {}
+        for name, fn in evals.items():
+            out[name] = fn(state)
+            writer.write_eval(step, out[name], name=name)
+        return out
+
+    # --- the loop ---------------------------------------------------------------------------
     results: dict = {}
     with _Preempted() as preempted:
         for step in range(start, tc.steps):
             local = next(data_iter)
-            batch = to_global(local)
-            if flops is None:  # Compile once, and read the step's FLOPs off the compiled step.
-                step_fn = step_fn.lower(state, batch, step_rng).compile()
-                flops = metrics_lib.compiled_flops(step_fn)
+            batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
+            if step_fn is None:
+                with rules_lib.activation_rules(mesh):
+                    step_fn = step_jit.lower(state, batch, step_rng).compile()
+                if hasattr(task, "flops_per_example"):
+                    flops_per_device = float(task.flops_per_example) * bs / len(mesh.devices.flat)
+                else:
+                    flops_per_device = metrics_lib.compiled_flops(step_fn)
+                window_t = time.perf_counter()  # Compilation is not step time.
             state, m = step_fn(state, batch, step_rng)
             window_steps += 1
-            window_tokens += int(local["input_mask"].sum()) * jax.process_count()
+            window_tokens += task_lib.count_tokens(task, local) * jax.process_count()
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
+            logging = done % tc.log_every == 0 or done == tc.steps
+            if logging:
                 m = jax.device_get(m)
-                streak, total = int(state.nonfinite_streak), int(state.nonfinite_total)
+                worst, total = int(state.nonfinite_worst_streak), int(state.nonfinite_total)
                 dt = time.perf_counter() - window_t
                 row = {k: float(v) for k, v in m.items()}
-                row.update(step=done, step_time=dt / window_steps,
-                           examples_per_s=window_steps * bs / dt,
-                           tokens_per_s=window_tokens / dt, skipped_nonfinite=total,
-                           skipped_examples=skips.total)
-                if flops and tc.peak_flops_per_device:
-                    row["mfu"] = flops * window_steps / dt / (
-                        tc.peak_flops_per_device * jax.device_count())
+                row.update(step_time=dt / window_steps, examples_per_s=window_steps * bs / dt,
+                           skipped_nonfinite=total, skipped_examples=skips.total)
+                if window_tokens:
+                    row["tokens_per_s"] = window_tokens / dt
+                if flops_per_device and tc.peak_flops_per_device:
+                    row["mfu"] = (flops_per_device * window_steps / dt
+                                  / tc.peak_flops_per_device)
                 writer.write(done, row)
                 progress.update(done, row)
                 window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
-                if streak >= tc.max_nonfinite_in_a_row:
+                if worst >= tc.max_nonfinite_in_a_row:
                     manager.wait()
+                    progress.close()
+                    writer.close()
                     raise FloatingPointError(
-                        f"{streak} steps in a row had a non-finite loss or gradient (up to step "
-                        f"{done}); stopping. The last good checkpoint is kept in {workdir}.")
+                        f"{worst} steps in a row had a non-finite loss or gradient (by step "
+                        f"{done}; train.max_nonfinite_in_a_row={tc.max_nonfinite_in_a_row}); "
+                        f"stopping. The last good checkpoint is kept in {workdir}.")
             else:
                 progress.update(done)
-            if preempted.flag:
+            # Several processes agree at log steps, so all of them save the same step.
+            if (logging or jax.process_count() == 1) and preempted.any_process():
                 manager.save(done, state, data_iter, meta, force=True)
                 manager.wait()
                 print(f"SIGTERM: saved step {done} in {workdir}; exiting")
                 progress.close()
+                writer.close()
                 return {"preempted_at": done}
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps):
                 manager.save(done, state, data_iter, meta)
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                results = task.evaluate(state.params, split="val")
-                writer.write_eval(done, results)
+                if evals:
+                    results = run_evals(done)
+                elif hasattr(task, "evaluate"):
+                    writer.write_eval(done, task.evaluate(state.params, split="val"))
     progress.close()
     manager.wait()
     if skips.total:
         print(f"skipped {skips.total} bad examples: {skips.counts}")
-    results = task.evaluate(state.params, split="test") if hasattr(task, "evaluate") else {}
-    if results:
-        writer.write_eval(int(state.step), results)
+    if evals:
+        results = run_evals(int(state.step))
+    elif hasattr(task, "evaluate"):
+        results = task.evaluate(state.params, split="test")
+        if results:
+            writer.write_eval(int(state.step), results)
     writer.close()
     return results

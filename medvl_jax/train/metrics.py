@@ -5,6 +5,8 @@ import json
 import os
 import time
 
+import jax
+import numpy as np
 import tqdm
 
 
@@ -24,34 +26,50 @@ class MetricsWriter:
         """One metrics line (and a TensorBoard scalar per numeric value)."""
         if not self.enabled:
             return
-        self._f.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._f.write(json.dumps({"step": step, "time": time.time(), **row},
+                                 default=_jsonable) + "\n")
         self._f.flush()
         for k, v in row.items():
             if isinstance(v, (int, float)) and k != "step":
                 self._tb.add_scalar(f"train/{k}", v, step)
 
-    def write_eval(self, step: int, results: dict) -> None:
-        """Evaluation results to ``eval_<step>.json`` and TensorBoard."""
+    def write_eval(self, step: int, results: dict, *, name: str | None = None) -> None:
+        """Evaluation results to ``eval_<name>_<step>.json`` (``eval_<step>.json`` without a
+        name) and their numbers to TensorBoard under ``eval/<name>/``."""
         if not self.enabled:
             return
-        with open(os.path.join(self.workdir, f"eval_{step}.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=1)
+        stem = f"eval_{name}_{step}" if name else f"eval_{step}"
+        with open(os.path.join(self.workdir, stem + ".json"), "w") as f:
+            json.dump({"step": step, **results}, f, indent=1, default=_jsonable)
+        tag = f"eval/{name}/" if name else "eval/"
         for k, v in _flatten(results).items():
-            self._tb.add_scalar(f"eval/{k}", v, step)
+            self._tb.add_scalar(tag + k, v, step)
+        self._tb.flush()
 
     def close(self) -> None:
+        """Flushes and closes the files (idempotent)."""
         if self.enabled:
+            self.enabled = False
             self._f.close()
             self._tb.close()
 
 
+def _jsonable(x):
+    """numpy/jax scalars and arrays as plain JSON values."""
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x.tolist()
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Numeric leaves of a nested dict as ``{"a/b": number}`` (bools and strings dropped)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = v
+        elif isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+        elif isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 0:
+            out[f"{prefix}{k}"] = float(v)
     return out
 
 

@@ -1,4 +1,15 @@
-"""Optimizers from config: AdamW, warmup + cosine/linear/constant, clipping, freezing, groups."""
+"""Optimizers from config: AdamW, warmup + cosine/linear/constant, clipping, freezing, groups.
+
+Order of operations on the gradients: frozen parameters' gradients are zeroed, the rest are
+clipped by their global norm, then each group's AdamW (its own learning-rate multiplier)
+updates its parameters. Frozen parameters get no optimizer state and stay bit-identical.
+Weight decay is decoupled (AdamW) and only applies to matrices and higher (ndim > 1), so
+norm scales and biases are never decayed.
+
+Gradient accumulation (``grad_accum = k``) is not an optimizer wrapper: the train step splits
+its batch into k equal microbatches and scans over them (loop.make_train_step), so one step
+is one optimizer update and the schedule counts updates.
+"""
 from __future__ import annotations
 
 import re
@@ -6,6 +17,8 @@ import re
 import jax
 import ml_collections
 import optax
+
+from medvl_jax.train import state as state_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -44,9 +57,7 @@ def schedule(c, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, after], [c.warmup_steps])
 
 
-def path_str(path) -> str:
-    """A pytree key path as ``"a/b/c"``."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+path_str = state_lib.path_str
 
 
 def param_labels(params, c) -> dict:
@@ -66,7 +77,8 @@ def param_labels(params, c) -> dict:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(c, params, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for ``params`` and its base learning-rate schedule."""
     base = schedule(c, total_steps)
 
@@ -83,6 +95,10 @@ def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransform
     used = set(jax.tree.leaves(labels))
     if c.freeze and "frozen" not in used:
         raise ValueError(f"optim.freeze={c.freeze!r} matches no parameter")
+    for i, pattern in enumerate(dict(c.lr_groups)):
+        if f"g{i}" not in used:
+            raise ValueError(f"optim.lr_groups pattern {pattern!r} matches no parameter (or "
+                             f"only frozen ones, or ones an earlier pattern took)")
     # Frozen gradients are zeroed before clipping, so they do not count in the global norm.
     zero_frozen = optax.multi_transform(
         {k: optax.set_to_zero() if k == "frozen" else optax.identity() for k in transforms},

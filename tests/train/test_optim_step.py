@@ -1,12 +1,12 @@
 """Optimizer and train step on a tiny linear task, against hand formulas."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 
+from medvl_jax.parallel import mesh as mesh_lib
 from medvl_jax.train import loop, optim
+from medvl_jax.train import state as state_lib
 
 
 class LinearTask:
@@ -25,9 +25,7 @@ def _cfg(**kw):
 
 
 def _state(params, tx):
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), nonfinite_total=jnp.zeros((), jnp.int32),
-                           nonfinite_streak=jnp.zeros((), jnp.int32))
+    return state_lib.new_state(params, tx)
 
 
 def _data(n=8, seed=0):
@@ -109,4 +107,39 @@ def test_non_finite_batch_is_skipped_and_counted():
     assert int(s_bad2.nonfinite_streak) == 2
     s_ok, _ = step(s_bad2, good, jax.random.key(0))
     assert int(s_ok.nonfinite_streak) == 0 and int(s_ok.nonfinite_total) == 2
-    assert int(s_ok.step) == 4
+    assert int(s_ok.step) == 4 and int(s_ok.nonfinite_worst_streak) == 2
+
+
+def test_grad_accumulation_on_a_sharded_batch():
+    """Strided microbatches on an 8-way data-parallel mesh still equal the whole batch."""
+    mesh = mesh_lib.make_mesh({"data": 8})
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.5)
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    batch = mesh_lib.global_batch_from_local(_data(32, seed=3), mesh)
+    one = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1, mesh))
+    four = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 4, mesh))
+    s1, m1 = one(_state(PARAMS, tx), batch, jax.random.key(0))
+    s4, m4 = four(_state(PARAMS, tx), batch, jax.random.key(0))
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-6)
+    for k in PARAMS:
+        np.testing.assert_allclose(s1.params[k], s4.params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_lr_group_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="lr_groups pattern '\\^nothing'"):
+        optim.make_optimizer(_cfg(lr_groups={"^nothing": 2.0}), PARAMS, 10)
+
+
+def test_weight_decay_skips_vectors():
+    """AdamW's first step with decay: w -= lr * (sign(g) + wd * w) for the matrix only."""
+    params = {"w": jnp.full((3, 2), 2.0), "b": jnp.full((2,), 3.0)}
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.0, weight_decay=0.1)
+    tx, sched = optim.make_optimizer(c, params, 10)
+    batch = _data()
+    new, _ = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1))(
+        _state(params, tx), batch, jax.random.key(0))
+    g = jax.grad(lambda p: LinearTask().loss(p, batch, None)[0])(params)
+    np.testing.assert_allclose(new.params["w"], 2.0 - 0.01 * (np.sign(g["w"]) + 0.1 * 2.0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(new.params["b"], 3.0 - 0.01 * np.sign(g["b"]), rtol=1e-5)
