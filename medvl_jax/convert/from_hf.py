@@ -2,8 +2,9 @@
 
     python -m medvl_jax.convert.from_hf --hf_dir DIR --out DIR [--scan_layers]
 
-Reads ``config.json`` + safetensors of a supported causal LM or VLM (see
-``medvl_jax.convert.checkpoint_io`` for the output layout) and copies tokenizer files.
+Reads ``config.json`` + safetensors of a supported causal LM, VLM, text encoder (BERT,
+SigLIP text) or SigLIP model (see ``medvl_jax.convert.checkpoint_io`` for the output layout)
+and copies tokenizer files.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 from medvl_jax.convert import checkpoint_io, hf_io
 from medvl_jax.convert import decoders as dec
+from medvl_jax.convert import text as text_conv
 from medvl_jax.convert import vlm as vlm_conv
 
 
@@ -21,9 +23,12 @@ def hf_family(hf_config: dict, where: str) -> str:
     for arch in hf_config.get("architectures") or []:
         if arch in vlm_conv.ARCHITECTURES or arch in dec.ARCHITECTURES:
             return arch
+        if arch in text_conv.ARCHITECTURES:
+            return text_conv.ARCHITECTURES[arch]
+    known = sorted(dec.ARCHITECTURES) + sorted(vlm_conv.ARCHITECTURES) + sorted(
+        text_conv.ARCHITECTURES)
     raise checkpoint_io.CheckpointError(
-        f"{where}: unknown architecture {hf_config.get('architectures')}; supported: "
-        f"{sorted(dec.ARCHITECTURES) + sorted(vlm_conv.ARCHITECTURES)}")
+        f"{where}: unknown architecture {hf_config.get('architectures')}; supported: {known}")
 
 
 def convert(hf_dir: str, out_dir: str, *, scan_layers: bool = False) -> dict:
@@ -35,7 +40,9 @@ def convert(hf_dir: str, out_dir: str, *, scan_layers: bool = False) -> dict:
     hf_io.shard_files(hf_dir)  # raises naming the missing safetensors
     hf_config = hf_io.read_json(hf_dir)
     family = hf_family(hf_config, hf_dir)
-    if checkpoint_io.is_vlm_family(family):
+    if family in text_conv.ARCHITECTURES:
+        _, config, params = text_conv.load_hf_text(hf_dir, scan_layers=scan_layers)
+    elif checkpoint_io.is_vlm_family(family):
         config, params = vlm_conv.load_hf_vlm(hf_dir, scan_layers=scan_layers)
     else:
         config, params = dec.load_hf_decoder(hf_dir, scan_layers=scan_layers)
@@ -45,6 +52,7 @@ def convert(hf_dir: str, out_dir: str, *, scan_layers: bool = False) -> dict:
     tok_dir = os.path.join(out_dir, checkpoint_io.TOKENIZER_DIR)
     os.makedirs(tok_dir, exist_ok=True)
     hf_io.copy_side_files(hf_dir, tok_dir)
+    text_conv.copy_tokenizer_files(hf_dir, tok_dir)
     return meta
 
 
