@@ -3,8 +3,12 @@
     python -m medvl_jax.generate --checkpoint DIR --prompt TEXT [--image FILE ...]
         [--max_new_tokens 64 --temperature 0 --top_k 0 --top_p 1 --seed 0]
 
-The checkpoint is one written by ``medvl_jax.convert.from_hf`` (or the training loop) with its
-tokenizer in ``DIR/tokenizer``. The prompt goes through the tokenizer's chat template when it
+The checkpoint is a directory written by ``medvl_jax.convert.from_hf`` (tokenizer in
+``DIR/tokenizer``) or a training workdir (its newest checkpoint is exported once to
+``DIR/export/step_N``, see ``medvl_jax.convert.workdir``). A model trained here is prompted
+exactly as in training: its chat template with the images' ``<image>`` placeholders in the user
+turn, its image preprocessing (a 3D tower gets the whole volume), its end-of-turn stop token.
+For a converted model, the prompt goes through the tokenizer's chat template when it
 has one (a single user turn plus the generation prompt), else it is used as raw text. For a VLM,
 each ``--image`` (PNG/JPEG/DICOM/NIfTI slice stack, read with
 ``medvl_jax.data.readers.read_image``) is scaled to [0, 1] by its own min/max, turned into 3
@@ -77,35 +81,72 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+    """Prompt ids, ``mask_ar``, images and stop ids exactly as the training data pipeline made
+    them (``data``: the run's data config): chat template, ``<image>`` placeholders in the user
+    turn, the same image preprocessing. A volume given to a 2D model contributes its middle
+    slice."""
+    import ml_collections
+
+    from medvl_jax.data import chat, pipeline
+
+    d = ml_collections.ConfigDict(data)
+    feat = pipeline.Featurizer(d, tokenizer, train=False)
+    arrays = []
+    for path in images:
+        img = pipeline.read_file(path)
+        x = pipeline.to_unit_range(img.pixels, img.modality, d.ct_window)
+        if d.volume_shape is None and x.ndim == 3 and x.shape[-1] not in (3, 4):
+            x = x[x.shape[0] // 2]
+        arrays.append(feat.ops(x, None))
+    text = "".join(f"{chat.IMAGE_PLACEHOLDER}\n" for _ in images) + prompt
+    enc = chat.encode_prompt(tokenizer, [{"role": "user", "content": text}], d.template,
+                             num_image_tokens=d.num_image_tokens, num_images=len(images),
+                             prefix_lm=d.prefix_lm, where="prompt")
+    pixels = np.stack(arrays)[None] if arrays else None
+    stop = tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(d.template))
+    return np.asarray([enc.tokens], np.int32), np.asarray([enc.mask_ar], np.int32), pixels, [stop]
+
+
 def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens: int = 64,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-    """Loads the checkpoint, generates and returns the decoded completion."""
+    """Loads the checkpoint (a converted directory or a training workdir), generates and
+    returns the decoded completion."""
+    from medvl_jax.convert import workdir
     from medvl_jax.data.tokenizer import load_tokenizer
 
+    checkpoint = workdir.resolve(checkpoint)
     model, params, meta = checkpoint_io.load_checkpoint(checkpoint)
     config = model.config
     tok_dir = checkpoint_io.tokenizer_dir(checkpoint)
     if tok_dir is None:
         raise checkpoint_io.CheckpointError(f"{checkpoint}: no tokenizer/ directory")
     tokenizer = load_tokenizer(tok_dir)
-    ids = prompt_ids(tokenizer, prompt)
-    pixels, mask_ar = None, None
-    if images:
-        if not isinstance(config, VLMConfig):
-            raise checkpoint_io.CheckpointError(
-                f"{checkpoint}: --image given but {meta['family']} is a text-only model")
-        mean, std = _processor_stats(tok_dir)
-        pixels = np.stack([preprocess_image(p, config.vision.image_size, mean, std)
-                           for p in images])[None]
-        ids = [config.image_token_id] * (num_image_tokens(config) * len(images)) + ids
-    if isinstance(config, VLMConfig) and config.projector == "linear":
-        mask_ar = np.zeros((1, len(ids)), np.int32)  # PaliGemma: bidirectional prefix
-    stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    out = generate(config, params, np.asarray([ids], np.int32), images=pixels, mask_ar=mask_ar,
+    if images and not isinstance(config, VLMConfig):
+        raise checkpoint_io.CheckpointError(
+            f"{checkpoint}: --image given but {meta['family']} is a text-only model")
+    if meta.get("data_config"):  # Trained here: prompts exactly as in training.
+        tokens, mask_ar, pixels, stops = trained_prompt(meta["data_config"], tokenizer, prompt,
+                                                        list(images))
+    else:
+        ids = prompt_ids(tokenizer, prompt)
+        pixels, mask_ar = None, None
+        if images:
+            mean, std = _processor_stats(tok_dir)
+            pixels = np.stack([preprocess_image(p, config.vision.image_size, mean, std)
+                               for p in images])[None]
+            ids = [config.image_token_id] * (num_image_tokens(config) * len(images)) + ids
+        if isinstance(config, VLMConfig) and config.projector == "linear":
+            mask_ar = np.zeros((1, len(ids)), np.int32)  # PaliGemma: bidirectional prefix
+        stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        tokens = np.asarray([ids], np.int32)
+    out = generate(config, params, tokens, images=pixels, mask_ar=mask_ar,
                    max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
-                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops)
+                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
+                   pad_id=tokenizer.pad_token_id or 0)
     new = out.tokens[0, :out.lengths[0]].tolist()
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         text = run(args.checkpoint, args.prompt, args.image, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed)
-    except (checkpoint_io.CheckpointError, DataError, FileNotFoundError) as e:
+    except (checkpoint_io.CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(text)

@@ -9,7 +9,9 @@ Layout::
 
 ``family`` is the Hugging Face architecture name (e.g. "LlamaForCausalLM",
 "PaliGemmaForConditionalGeneration"); text decoders get a :class:`DecoderConfig`, VLMs a
-:class:`VLMConfig`. Loading never unpickles (Orbax + JSON only).
+:class:`VLMConfig`, text encoders and two-tower models (``convert.text.ARCHITECTURES``) a
+:class:`TextEncoderConfig` / :class:`TwoTowerConfig`. Loading never unpickles (Orbax + JSON
+only).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from medvl_jax.convert import decoders as dec
+from medvl_jax.convert import text as text_conv
 from medvl_jax.convert import vlm as vlm_conv
 from medvl_jax.models.decoder import Decoder, DecoderConfig
 from medvl_jax.models.from_config import dataclass_from_dict
@@ -42,9 +45,14 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files or describes something unsupported."""
 
 
+# The family of a VLM trained here whose layout has no Hugging Face counterpart (it generates
+# and evaluates, but does not export; see medvl_jax.convert.workdir).
+NATIVE_VLM = "MedvlJaxVLM"
+
+
 def is_vlm_family(family: str) -> bool:
     """True for the VLM architectures, False for text decoders; raises for unknown names."""
-    if family in vlm_conv.ARCHITECTURES:
+    if family in vlm_conv.ARCHITECTURES or family == NATIVE_VLM:
         return True
     if family in dec.ARCHITECTURES:
         return False
@@ -71,6 +79,8 @@ def config_to_dict(config: DecoderConfig | VLMConfig) -> dict:
 
 def config_from_dict(family: str, d: dict) -> DecoderConfig | VLMConfig:
     """Inverse of :func:`config_to_dict` for the given family."""
+    if family in text_conv.ARCHITECTURES:
+        return text_conv.config_from_dict(family, d)
     if not is_vlm_family(family):
         return dataclass_from_dict(DecoderConfig, d, "model_config")
     d = dict(d)
@@ -81,11 +91,15 @@ def config_from_dict(family: str, d: dict) -> DecoderConfig | VLMConfig:
 
 def model_for(config: DecoderConfig | VLMConfig):
     """The Flax module of a config."""
+    if isinstance(config, text_conv.TextOrTwoTower):
+        return text_conv.model_for(config)
     return VLM(config) if isinstance(config, VLMConfig) else Decoder(config)
 
 
 def param_shapes(config: DecoderConfig | VLMConfig) -> dict:
     """Shapes/dtypes of the unboxed params of a config, without allocating them."""
+    if isinstance(config, text_conv.TextOrTwoTower):
+        return text_conv.param_shapes(config)
     if isinstance(config, VLMConfig):
         return vlm_conv.vlm_param_shapes(config)
     return dec.param_shapes(config)
@@ -99,7 +113,8 @@ def save_checkpoint(directory: str, params: Any, meta: dict) -> None:
     for key in ("family", "model_config"):
         if key not in meta:
             raise CheckpointError(f"meta for {directory} lacks {key!r}")
-    is_vlm_family(meta["family"])
+    if meta["family"] not in text_conv.ARCHITECTURES:
+        is_vlm_family(meta["family"])
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, PARAMS_DIR)

@@ -3,6 +3,8 @@
     python -m medvl_jax.convert.to_hf --checkpoint DIR --out DIR [--dtype bfloat16]
         [--max_shard_gb 5]
 
+DIR is a converted checkpoint or a training workdir (its newest step; LoRA merged).
+
 Writes safetensors (sharded with an index when larger than ``--max_shard_gb``), config.json
 (the original HF config stored in the checkpoint, else one built from our config),
 generation_config.json and the tokenizer files.
@@ -19,6 +21,7 @@ import numpy as np
 
 from medvl_jax.convert import checkpoint_io, hf_io
 from medvl_jax.convert import decoders as dec
+from medvl_jax.convert import text as text_conv
 from medvl_jax.convert import vlm as vlm_conv
 from medvl_jax.models.vlm import VLMConfig
 
@@ -28,11 +31,19 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 def export(checkpoint: str, out_dir: str, *, dtype: str | None = None,
            max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes the checkpoint at ``checkpoint`` as a Hugging Face directory ``out_dir``."""
+    from medvl_jax.convert import workdir
+
+    checkpoint = workdir.resolve(checkpoint)
     model, params, meta = checkpoint_io.load_checkpoint(checkpoint)
     config, family = model.config, meta["family"]
+    if family == checkpoint_io.NATIVE_VLM:
+        raise checkpoint_io.CheckpointError(f"{checkpoint}: no Hugging Face export: "
+                                            f"{meta.get('hf_export_error')}")
     np_dtype = None if dtype is None else _DTYPES[dtype]
     hf_config = meta.get("hf_config")
-    if isinstance(config, VLMConfig):
+    if family in text_conv.ARCHITECTURES:
+        text_conv.save_hf_text(params, config, out_dir, hf_config=hf_config, dtype=np_dtype)
+    elif isinstance(config, VLMConfig):
         fam = vlm_conv.ARCHITECTURES[family]
         vlm_conv.save_hf_vlm(params, config, out_dir, family=fam, hf_config=hf_config,
                              dtype=np_dtype)
@@ -43,6 +54,9 @@ def export(checkpoint: str, out_dir: str, *, dtype: str | None = None,
     tok = checkpoint_io.tokenizer_dir(checkpoint)
     if tok is not None:
         hf_io.copy_side_files(tok, out_dir)
+        text_conv.copy_tokenizer_files(tok, out_dir)
+    if family in text_conv.ARCHITECTURES:
+        return  # encoders: no generation config
     if not os.path.exists(os.path.join(out_dir, "generation_config.json")):
         cfg = hf_config or {}
         text = cfg.get("text_config", cfg)

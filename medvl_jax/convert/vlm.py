@@ -47,9 +47,15 @@ def vlm_config_from_hf(hf: dict, **text_overrides: Any) -> VLMConfig:
     if fam == "paligemma":
         text.pop("use_bidirectional_attention", None)  # the prefix mask comes from mask_ar
     scan = {k: v for k, v in text_overrides.items() if k in ("scan_layers", "remat_policy")}
-    vision_cfg = vision_config_from_hf(
-        hf["vision_config"], **scan,
-        **({"feature_layer": hf.get("vision_feature_layer", -2)} if fam == "llava" else {}))
+    feature = {}
+    if fam == "llava":
+        layer = hf.get("vision_feature_layer", -2)
+        if layer == -1 and hf["vision_config"].get("model_type") == "siglip_vision_model":
+            # LLaVA takes hidden_states[-1], the last layer *before* SigLIP's post-layernorm;
+            # our feature_layer=-1 means the post-normed output, so name the layer by index.
+            layer = hf["vision_config"]["num_hidden_layers"]
+        feature = {"feature_layer": layer}
+    vision_cfg = vision_config_from_hf(hf["vision_config"], **scan, **feature)
     common = dict(vision=vision_cfg, text=decoder_config_from_hf(text, **text_overrides),
                   image_token_id=hf["image_token_index"])
     if fam == "paligemma":

@@ -130,6 +130,40 @@ _END_OF_TURN = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>", "qwen2": "<|im
                 "llama3": "<|eot_id|>"}
 
 
+# The same formats as Jinja chat templates, written into exported tokenizers so that
+# ``apply_chat_template`` in transformers renders exactly what :func:`render` does.
+_JINJA_TURNS = {
+    "gemma": ("{{ '<bos>' }}{%- set sys = '' -%}{%- set msgs = messages -%}"
+              "{%- if messages[0]['role'] == 'system' -%}"
+              "{%- set sys = messages[0]['content'] + '\\n\\n' -%}{%- set msgs = messages[1:] -%}"
+              "{%- endif -%}{%- for m in msgs -%}"
+              "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role'])"
+              " + '\\n' + (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\\n' }}"
+              "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}"
+              "{%- endif -%}"),
+    "chatml": ("{%- for m in messages -%}"
+               "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+               "{%- endif -%}"),
+    "llama3": ("{{ '<|begin_of_text|>' }}{%- for m in messages -%}"
+               "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{%- endfor -%}"
+               "{%- if add_generation_prompt -%}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"),
+}
+
+
+def jinja_template(template: str) -> str:
+    """``template`` as a Jinja chat template for Hugging Face tokenizers (same text as
+    :func:`render`)."""
+    _template_fn(template)
+    if template == "qwen2":
+        default = QWEN2_DEFAULT_SYSTEM.replace("'", "\\'")
+        return ("{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\n"
+                + default + "<|im_end|>\\n' }}{%- endif -%}" + _JINJA_TURNS["chatml"])
+    return _JINJA_TURNS[template]
+
+
 def end_of_turn_token(template: str) -> str:
     """The marker that closes an assistant turn (the token to stop generation at)."""
     _template_fn(template)
