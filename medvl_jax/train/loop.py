@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from medvl_jax.models import lora as lora_lib
 from medvl_jax.parallel import mesh as mesh_lib
 from medvl_jax.parallel import rules as rules_lib
 from medvl_jax.train import checkpoint as ckpt_lib
@@ -77,6 +78,16 @@ def validate_config(config: Mapping, schema: Mapping, *, prefix: str = "",
         sub, ref = config[key], schema[key]
         if hasattr(sub, "keys") and hasattr(ref, "keys") and full not in open_keys:
             validate_config(sub, ref, prefix=full + ".", open_keys=open_keys)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.optim`` as the run uses it: with LoRA on (``config.lora.rank > 0``) and an
+    empty ``optim.freeze``, everything but the ``lora/`` factors is frozen."""
+    oc = config.optim
+    if lora_lib.enabled(lora_lib.get_config(config)) and not oc.freeze:
+        oc = ml_collections.ConfigDict(oc.to_dict())
+        oc.freeze = lora_lib.FREEZE_BASE
+    return oc
 
 
 def _check_batch(batch_size: int, dp: int, grad_accum: int, mesh) -> None:
@@ -227,7 +238,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
         process's batches (dicts of arrays, ``batch_size / process_count`` rows each).
     devices: the mesh's devices (default: all).
     pretrained, fresh: weights loaded before the rest is initialised (state.init_params);
-        ignored when resuming.
+        ignored when resuming. With LoRA on, ``lora/`` params are always fresh.
+    LoRA (``config.lora``, see medvl_jax.models.lora): with ``rank > 0`` and an empty
+        ``optim.freeze`` everything but the ``lora/`` factors is frozen (see optim_config).
 
     Returns the evaluation results: ``{evaluator name: results}`` for tasks with
     ``evaluators()``, the task's ``evaluate(params, "test")`` for tasks with ``evaluate``,
@@ -237,6 +250,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     validate_config(config.train, default_config(), prefix="train.")
     validate_config(config.optim, optim.default_config(), prefix="optim.")
     tc = config.train
+    oc = optim_config(config)
+    if lora_lib.enabled(lora_lib.get_config(config)):  # Pretrained weights never hold factors.
+        fresh = f"^{lora_lib.LORA_KEY}/" + (f"|(?:{fresh})" if fresh else "")
     os.makedirs(workdir, exist_ok=True)
 
     # --- mesh ------------------------------------------------------------------------------
@@ -255,7 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     init_rng, step_rng = jax.random.split(jax.random.key(tc.seed))
     dummy = task.dummy_batch(bs // jax.process_count())
     _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
-    tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, tc.steps)
+    tx, lr_schedule = optim.make_optimizer(oc, params_shape, tc.steps)
     target, shardings = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
 
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),

@@ -61,8 +61,11 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, tx, mesh: 
     """Shardings for every leaf of the state: optimizer moments follow their parameters,
     counters and scalars are replicated."""
     replicated = rules_lib.replicated(mesh)
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                                transform_non_params=lambda _: replicated)
+    # Frozen or grouped params (optax.multi_transform) leave MaskedNodes in the inner states.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s,
+                                abstract_state.opt_state, param_shardings,
+                                transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(step=replicated, params=param_shardings, opt_state=opt,
                       nonfinite_total=replicated, nonfinite_streak=replicated,
                       nonfinite_worst_streak=replicated)
