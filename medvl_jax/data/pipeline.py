@@ -314,6 +314,8 @@ def make_tokenizer(spec: str, *, cache_dir: str | None = None):
     if spec == MEDSYNTH_TOKENIZER:
         from medvl_jax.data import medsynth
 
-        return tok.cached_tokenizer("medsynth", lambda: medsynth.corpus(2000, seed=0),
+        # 300 studies of each kind hold every word of the report and question templates; more
+        # only slows the first run. The cache name changes with the corpus.
+        return tok.cached_tokenizer("medsynth-c300", lambda: medsynth.corpus(300, seed=0),
                                     vocab_size=1024, cache_dir=cache_dir)
     return tok.load_tokenizer(spec)

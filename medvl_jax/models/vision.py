@@ -65,6 +65,7 @@ class VisionConfig:
     tubelet: int = 0
     token_merge: int = 1
     feature_layer: int = -1
+    pos_init: str = "normal"
     scan_layers: bool = False
     remat_policy: str = "none"
     param_dtype: Dtype = jnp.float32
@@ -79,6 +80,8 @@ class VisionConfig:
             raise ValueError(f"width={self.width} is not a multiple of num_heads={self.num_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(REMAT_POLICIES)}")
+        if self.pos_init not in ("normal", "sincos2d"):
+            raise ValueError(f"pos_init must be 'normal' or 'sincos2d', got {self.pos_init!r}")
 
     @property
     def grid(self) -> int:
@@ -273,6 +276,30 @@ def merge_tokens(x: jnp.ndarray, grid_h: int, grid_w: int, k: int = 2) -> jnp.nd
     return x.reshape(b, (grid_h // k) * (grid_w // k), k * k * w)
 
 
+def sincos2d_init(grid: int, *, clip: bool = False, temperature: float = 10000.0):
+    """Initialiser of a learned position table with fixed 2D sine-cosine values (as in MAE):
+    a quarter of the channels each for sin/cos of the row and of the column. Training from
+    scratch starts with every patch knowing where it is; the table stays a normal parameter
+    (same layout as Hugging Face's, so export is unaffected). A CLIP class slot gets zeros."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        n, width = shape
+        if width % 4:
+            raise ValueError(f"sincos2d position init needs a width divisible by 4, got {width}")
+        q = width // 4
+        omega = 1.0 / temperature ** (np.arange(q) / q)
+        rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+        r = rows.reshape(-1, 1) * omega[None]
+        c = cols.reshape(-1, 1) * omega[None]
+        table = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1)
+        if clip:
+            table = np.concatenate([np.zeros((1, width)), table])
+        if table.shape != (n, width):
+            raise ValueError(f"position table shape {shape} does not fit a {grid}x{grid} grid")
+        return jnp.asarray(table, dtype)
+    return init
+
+
 class VisionEncoder(nn.Module):
     """ViT over images ``[B, H, W, C]`` or volumes/videos ``[B, T, H, W, C]`` (with tubelets).
 
@@ -308,7 +335,10 @@ class VisionEncoder(nn.Module):
                                    c.param_dtype, ("vision_embed",))
             x = x + bias.astype(dt)
         n_pos = c.grid ** 2 + (c.layout == "clip")
-        pos = param_with_axes(self, "pos", nn.initializers.normal(0.02), (n_pos, c.width),
+        pos_init = nn.initializers.normal(0.02)
+        if c.pos_init == "sincos2d":
+            pos_init = sincos2d_init(c.grid, clip=c.layout == "clip")
+        pos = param_with_axes(self, "pos", pos_init, (n_pos, c.width),
                               c.param_dtype, (None, "vision_embed"))
         patch_pos = pos[1:] if c.layout == "clip" else pos
         patch_pos = resample_pos_embedding(patch_pos, c.grid, (gh, gw)).astype(dt)
