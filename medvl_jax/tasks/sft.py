@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from medvl_jax.models import from_config
+from medvl_jax.models import lora as lora_lib
 from medvl_jax.models.vlm import VLM
 from medvl_jax.tasks import losses
 
@@ -48,6 +49,8 @@ class SFTTask:
             raise ValueError(f"data.image_size={config.data.image_size} but "
                              f"model.vision.image_size={vsize}")
         self.model = VLM(self.model_config)
+        # config.lora (absent: off); with rank > 0 params are {**base, "lora": factors}.
+        self.lora_config = lora_lib.get_config(config)
 
     def dummy_batch(self, batch_size: int) -> dict:
         """Zeros shaped like a real batch (for shape-only initialisation)."""
@@ -64,20 +67,34 @@ class SFTTask:
                 "image_mask": np.ones((batch_size, n), bool)}
 
     def init(self, rng, batch):
-        """Parameters (with logical-axis metadata) for a batch of this shape."""
-        return self.model.init(rng, batch["tokens"], batch["images"],
-                               input_mask=batch["input_mask"], mask_ar=batch["mask_ar"])["params"]
+        """Parameters (with logical-axis metadata) for a batch of this shape; with LoRA on,
+        the base params plus a ``lora`` entry (base init unchanged by LoRA)."""
+        params = self.model.init(rng, batch["tokens"], batch["images"],
+                                 input_mask=batch["input_mask"], mask_ar=batch["mask_ar"])["params"]
+        if lora_lib.enabled(self.lora_config):
+            import jax
 
-    def apply(self, params, batch):
-        """Logits ``[B, L, V]`` for a batch."""
+            params = {**params, lora_lib.LORA_KEY: lora_lib.init_lora(
+                jax.random.fold_in(rng, 0x10A), params, self.lora_config)}
+        return params
+
+    def model_params(self, params):
+        """The plain model params of ``params`` (LoRA merged, no dropout), for
+        ``self.model.apply``, sampling and export."""
+        return lora_lib.merged_params(params, self.lora_config)
+
+    def apply(self, params, batch, rng=None):
+        """Logits ``[B, L, V]`` for a batch; ``rng`` enables LoRA dropout (training)."""
+        if lora_lib.enabled(self.lora_config):
+            params = lora_lib.merge(params, self.lora_config, rng=rng,
+                                    deterministic=rng is None)
         logits, _ = self.model.apply({"params": params}, batch["tokens"], batch["images"],
                                      input_mask=batch["input_mask"], mask_ar=batch["mask_ar"])
         return logits
 
     def loss(self, params, batch, rng):
-        """``(loss, metrics)`` of one batch; ``rng`` is unused (no dropout)."""
-        del rng
-        logits = self.apply(params, batch)
+        """``(loss, metrics)`` of one batch; ``rng`` drives LoRA dropout (if any)."""
+        logits = self.apply(params, batch, rng)
         mask = batch["loss_mask"] * batch["input_mask"]
         return losses.next_token_loss(logits, batch["tokens"], mask,
                                       normalise=self.config.sft.normalise)
@@ -106,61 +123,57 @@ class SFTTask:
                         out.append(ex)
         return out
 
-    def _prompt_batch(self, examples: list[dict]) -> tuple[dict, np.ndarray]:
-        """Right-padded prompts (no answer) and preprocessed images, plus prompt lengths."""
+    def _prompt_batch(self, examples: list[dict]) -> dict:
+        """LEFT-padded prompts (no answer) to ``data.max_length`` tokens, with ``input_mask``,
+        ``mask_ar`` and the preprocessed images: the layout ``sampling.sampler.generate``
+        wants, with one fixed shape so its decode compiles once."""
         from medvl_jax.data import chat, pipeline as pipe
 
         d = self.config.data
         feat = pipe.Featurizer(d, self.tokenizer, train=False)
-        rows, lengths = [], []
-        for ex in examples:
+        b, L = len(examples), d.max_length
+        batch = {"tokens": np.full((b, L), self.tokenizer.pad_token_id, np.int32),
+                 "input_mask": np.zeros((b, L), bool),
+                 "mask_ar": np.ones((b, L), np.int32),
+                 "images": np.zeros((b, d.max_images) + feat.image_shape(), np.float32)}
+        for i, ex in enumerate(examples):
             images = [feat.ops(x, None) for x in pipe.decode_images(ex, d)]
             enc = chat.encode_prompt(self.tokenizer, ex["messages"], d.template,
                                      num_image_tokens=d.num_image_tokens, num_images=len(images),
-                                     max_length=d.max_length, prefix_lm=d.prefix_lm,
-                                     where=ex["id"])
-            arr = np.zeros((d.max_images,) + feat.image_shape(), np.float32)
-            arr[:len(images)] = images
-            rows.append((enc, arr))
-            lengths.append(len(enc.tokens))
-        b, L = len(rows), d.max_length
-        batch = {"tokens": np.full((b, L), self.tokenizer.pad_token_id, np.int32),
-                 "mask_ar": np.ones((b, L), np.int32),
-                 "images": np.stack([a for _, a in rows])}
-        for i, (enc, _) in enumerate(rows):
-            batch["tokens"][i, :len(enc.tokens)] = enc.tokens
-            batch["mask_ar"][i, :len(enc.tokens)] = enc.mask_ar
-        return batch, np.asarray(lengths, np.int32)
+                                     max_length=L, prefix_lm=d.prefix_lm, where=ex["id"])
+            n = len(enc.tokens)
+            batch["tokens"][i, L - n:] = enc.tokens
+            batch["input_mask"][i, L - n:] = True
+            batch["mask_ar"][i, L - n:] = enc.mask_ar
+            if images:
+                batch["images"][i, :len(images)] = images
+        return batch
 
-    def _greedy_fn(self, max_new: int, stop_id: int):
-        """Jitted greedy decoding by full forward passes (prompts are short here)."""
-        import jax
-        import jax.numpy as jnp
+    def _greedy(self, params, batch: dict, stop_id: int) -> list[list[int]]:
+        """Greedy answers (stop token removed) of a :meth:`_prompt_batch` batch, decoded with
+        the KV-cache sampler. ``params`` are plain model params (see :meth:`model_params`).
+        The sampler's jit is keyed on static shapes and the model config only, so repeated
+        evaluations (every ``train.eval_every`` steps) reuse one compilation."""
+        from medvl_jax.sampling import sampler
 
-        def run(params, batch, lengths):
-            tokens = batch["tokens"]
-            rows = jnp.arange(tokens.shape[0])
+        out = sampler.generate(self.model_config, params, batch["tokens"], batch["input_mask"],
+                               images=batch["images"], mask_ar=batch["mask_ar"],
+                               max_new_tokens=int(self.config.sft.eval_max_new_tokens),
+                               temperature=0.0, stop_tokens=[stop_id],
+                               pad_id=self.tokenizer.pad_token_id)
+        answers = []
+        for row, n, done in zip(out.tokens, out.lengths, out.done):
+            answers.append(row[:n - 1 if done else n].tolist())
+        return answers
 
-            def body(t, carry):
-                tokens, done = carry
-                pos = lengths + t
-                mask = jnp.arange(tokens.shape[1])[None] < pos[:, None]
-                logits, _ = self.model.apply({"params": params}, tokens, batch["images"],
-                                             input_mask=mask, mask_ar=batch["mask_ar"])
-                nxt = jnp.argmax(logits[rows, pos - 1], axis=-1).astype(jnp.int32)
-                nxt = jnp.where(done, self.tokenizer.pad_token_id, nxt)
-                ok = pos < tokens.shape[1]
-                tokens = tokens.at[rows, jnp.minimum(pos, tokens.shape[1] - 1)].set(
-                    jnp.where(ok, nxt, tokens[rows, jnp.minimum(pos, tokens.shape[1] - 1)]))
-                return tokens, done | (nxt == stop_id) | ~ok
+    def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
+        """Per-question-type scores on MedSynth ``split`` (see medvl_jax.evaluate.scoring).
 
-            out, _ = jax.lax.fori_loop(0, max_new, body, (tokens, jnp.zeros_like(lengths, bool)))
-            return out
-
-        return jax.jit(run)
-
-    def evaluate(self, params, split: str = "test") -> dict:
-        """Per-question-type scores on MedSynth ``split`` (see medvl_jax.evaluate.scoring)."""
+        ``params``: the task's params (LoRA factors, if any, are merged here). Greedy decoding
+        with the KV-cache sampler up to ``sft.eval_max_new_tokens`` tokens, stopping at the
+        template's end-of-turn token; batches of ``sft.eval_batch_size`` (the last one padded,
+        so one compilation serves all). ``progress(done, total)`` is called after each batch.
+        """
         from medvl_jax.data import chat
         from medvl_jax.evaluate import scoring
 
@@ -169,26 +182,24 @@ class SFTTask:
             return {}
         stop = self.tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
             self.config.data.template))
-        max_new = int(self.config.sft.eval_max_new_tokens)
-        fn = self._greedy_fn(max_new, stop)
+        params = self.model_params(params)
         bs = int(self.config.sft.eval_batch_size)
         per_type: dict[str, list[float]] = {}
         predictions = []
-        for start in range(0, len(examples), bs):
+        num_batches = -(-len(examples) // bs)
+        for k, start in enumerate(range(0, len(examples), bs)):
             chunk = examples[start:start + bs]
             pad = bs - len(chunk)  # Pad the last chunk so the decode compiles once.
-            batch, lengths = self._prompt_batch(chunk + [chunk[-1]] * pad)
-            out = np.asarray(fn(params, batch, lengths))
-            for ex, row, n in zip(chunk, out, lengths):
-                gen = row[n:n + max_new].tolist()
-                if stop in gen:
-                    gen = gen[:gen.index(stop)]
+            answers = self._greedy(params, self._prompt_batch(chunk + [chunk[-1]] * pad), stop)
+            for ex, gen in zip(chunk, answers):
                 text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
                 qtype = ex["meta"]["question_type"]
                 s = scoring.score(qtype, text, ex["meta"]["answer"])
                 per_type.setdefault(qtype, []).append(s)
                 predictions.append({"id": ex["id"], "type": qtype, "prediction": text,
                                     "answer": ex["meta"]["answer"], "score": s})
+            if progress is not None:
+                progress(k + 1, num_batches)
         table = {t: {"score": float(np.mean(v)), "n": len(v)} for t, v in sorted(per_type.items())}
         overall = float(np.mean([p["score"] for p in predictions]))
         return {"split": split, "per_type": table, "overall": overall,
