@@ -1,0 +1,179 @@
+"""Direct preference optimisation (DPO) of a VLM on chosen / rejected answers.
+
+Each example is a preference pair for one prompt (image + question): the chosen and the
+rejected answer, each with its own images (the same images for a text pair; clean vs.
+corrupted images for a visual pair, see medvl_jax.data.preferences). The loss is
+:func:`medvl_jax.tasks.rl_losses.dpo_loss` of the sequence log-probs (sums over the answer
+tokens) under the policy and the reference, with ``dpo.beta``, ``dpo.label_smoothing`` and,
+with ``dpo.use_weights``, the per-pair weights of the batch (``dpo.pair_weights`` by pair
+kind).
+
+The reference policy is the model the run started from (``config.init_from``), frozen:
+
+* with LoRA on (``config.lora.rank > 0``) it is the base model inside the train state
+  (the params without their ``lora`` factors): no second copy, sharded like the state;
+* otherwise it is a constant pytree held by the task: ``reference_params`` given at
+  construction, else loaded from ``config.init_from`` on first use (also when a run resumes,
+  so the reference stays the starting point). It is replicated as a constant of the jitted
+  step, which suits models that fit on one device;
+* a batch that carries ``ref_chosen_logp`` / ``ref_rejected_logp`` ``[B]`` (precomputed
+  offline) uses those instead, and no reference forward pass is run.
+
+Evaluation is the SFT task's: greedy answers to MedSynth questions, scored per question type.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medvl_jax.models import lora as lora_lib
+from medvl_jax.tasks import losses, rl_losses, sft
+
+SIDES = ("chosen", "rejected")
+_INPUTS = ("tokens", "input_mask", "mask_ar", "loss_mask", "images")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``dpo`` section of a config."""
+    c = ml_collections.ConfigDict()
+    c.beta = 0.1
+    c.label_smoothing = 0.0        # Conservative DPO: assumed label-flip probability.
+    c.use_weights = True           # Weighted mean over pairs with the batch's "weight".
+    c.pair_weights = {"text": 1.0, "visual": 1.0}  # Weight of each pair kind.
+    c.visual_fraction = 0.5        # Share of visual pairs (when a study allows one).
+    c.eval_studies = 100           # As sft.eval_studies; 0 = no evaluation.
+    c.eval_batch_size = 64
+    c.eval_max_new_tokens = 16
+    return c
+
+
+def sequence_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray,
+                      mask: jnp.ndarray) -> jnp.ndarray:
+    """Sum of ``log p(token)`` over the tokens where ``mask`` is 1: ``[B, L, V] -> [B]``."""
+    lp = losses.token_logprobs(logits, tokens)
+    return (lp * mask[:, 1:].astype(jnp.float32)).sum(axis=1)
+
+
+class DPOTask:
+    """Policy model + DPO loss; the shared loop does the rest."""
+
+    name = "dpo"
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *,
+                 reference_params=None):
+        self.config = config
+        d = config.dpo
+        if d.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {d.beta}")
+        if not 0.0 <= d.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+        # The model, LoRA and evaluation are the SFT task's; it reads its eval settings from
+        # an sft section, filled here from the dpo one.
+        view = ml_collections.ConfigDict(config.to_dict())
+        view.sft = sft.default_config()
+        for k in ("eval_studies", "eval_batch_size", "eval_max_new_tokens"):
+            view.sft[k] = d[k]
+        self.policy = sft.SFTTask(view, tokenizer)
+        self.tokenizer = tokenizer
+        self.model = self.policy.model
+        self.model_config = self.policy.model_config
+        self.lora_config = self.policy.lora_config
+        self._reference = reference_params
+
+    # --- parameters --------------------------------------------------------------------------
+
+    def dummy_batch(self, batch_size: int) -> dict:
+        """Zeros shaped like a real batch of ``batch_size`` pairs."""
+        one = self.policy.dummy_batch(batch_size)
+        out = {f"{s}_{k}": one[k] for s in SIDES for k in _INPUTS}
+        out["image_mask"] = one["image_mask"]
+        out["weight"] = np.ones((batch_size,), np.float32)
+        return out
+
+    def init(self, rng, batch):
+        """Policy parameters (as the SFT task's, LoRA factors included when on)."""
+        return self.policy.init(rng, {k: batch[f"chosen_{k}"] for k in _INPUTS})
+
+    def model_params(self, params):
+        """Plain model params (LoRA merged), for sampling and export."""
+        return self.policy.model_params(params)
+
+    def reference_params(self, params=None):
+        """The frozen reference's plain model params (see the module docstring): the base of
+        ``params`` with LoRA on, else the constant given at construction or ``init_from``'s."""
+        if lora_lib.enabled(self.lora_config):
+            if params is None:
+                raise ValueError("with LoRA on, the reference is the base of the params: "
+                                 "pass params")
+            base, _ = lora_lib.split(params)
+            return jax.lax.stop_gradient(base)
+        if self._reference is None:
+            directory = self.config.get("init_from") or ""
+            if not directory:
+                raise ValueError("DPO needs a reference model: set config.init_from to the "
+                                 "checkpoint the run starts from (a converted or exported "
+                                 "directory), or pass reference_params")
+            from medvl_jax.tasks import pretrained
+
+            self._reference = pretrained.load_params(directory, self)
+        self._reference = jax.tree.map(np.asarray, self._reference)
+        return self._reference
+
+    # --- loss ------------------------------------------------------------------------------
+
+    def sequence_logprobs(self, params, batch, rng=None, *, reference: bool = False):
+        """``(chosen [B], rejected [B])`` answer log-probs of a batch, both sides in one forward
+        pass of 2B rows. ``params``: the task's params; ``reference``: use the reference model
+        (``params`` are then only read for the LoRA base)."""
+        joint = {k: jnp.concatenate([jnp.asarray(batch[f"chosen_{k}"]),
+                                     jnp.asarray(batch[f"rejected_{k}"])])
+                 for k in _INPUTS}
+        if reference:
+            ref = self.reference_params(params)
+            logits, _ = self.model.apply({"params": ref}, joint["tokens"], joint["images"],
+                                         input_mask=joint["input_mask"],
+                                         mask_ar=joint["mask_ar"])
+            logits = jax.lax.stop_gradient(logits)
+        else:
+            logits = self.policy.apply(params, joint, rng)
+        mask = joint["loss_mask"] * joint["input_mask"]
+        seq = sequence_logprobs(logits, joint["tokens"], mask)
+        b = batch["chosen_tokens"].shape[0]
+        return seq[:b], seq[b:]
+
+    def loss(self, params, batch, rng):
+        """``(loss, metrics)`` of a batch of pairs (see the module docstring)."""
+        d = self.config.dpo
+        pc, pr = self.sequence_logprobs(params, batch, rng)
+        if "ref_chosen_logp" in batch:
+            rc, rr = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        else:
+            rc, rr = self.sequence_logprobs(params, batch, reference=True)
+        weights = batch["weight"] if d.use_weights else None
+        loss, metrics = rl_losses.dpo_loss(pc, pr, rc, rr, beta=float(d.beta),
+                                           label_smoothing=float(d.label_smoothing),
+                                           weights=weights)
+        metrics.update(chosen_logp=pc.mean(), rejected_logp=pr.mean())
+        return loss, metrics
+
+    def count_tokens(self, local_batch) -> int:
+        """Real tokens of both sides of the pairs."""
+        return int(sum(np.asarray(local_batch[f"{s}_input_mask"]).sum() for s in SIDES))
+
+    # --- data and evaluation -----------------------------------------------------------------
+
+    def data_iterator(self, config, *, process_index: int, process_count: int):
+        """This process's batches of preference pairs (medvl_jax.data.preferences)."""
+        from medvl_jax.data import preferences
+
+        d = config.dpo
+        return iter(preferences.build_dataset(
+            config.data, self.tokenizer, visual_fraction=float(d.visual_fraction),
+            weights=dict(d.pair_weights), split="train", process_index=process_index,
+            process_count=process_count))
+
+    def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
+        """Per-question-type MedSynth scores, as :meth:`SFTTask.evaluate`."""
+        return self.policy.evaluate(params, split, progress=progress)

@@ -1,0 +1,234 @@
+"""GRPO (group relative policy optimisation) of a VLM with verifiable rewards.
+
+One iteration: for ``B / G`` prompts (image + question), sample ``G`` completions each with the
+KV-cache sampler (LEFT-padded prompts, images carried through), score them with the reward
+functions (``grpo.rewards`` = {name: weight}, see medvl_jax.rewards), normalise the rewards
+within each group (:func:`rl_losses.group_advantages`), and compute, with the trainer's
+forward pass, the log-probs of the sampled tokens under the current policy (``old_logp``)
+and, when ``grpo.beta > 0``, under the frozen reference. That is :meth:`GRPOTask.rollout`, a
+host-side function of the current params, run outside the jitted update. Then ``grpo.mu``
+updates of :meth:`GRPOTask.loss` (the clipped surrogate with k3 KL) use the same rollout batch.
+
+The reference is the model the run started from, as in the DPO task (the LoRA base with LoRA
+on, else ``reference_params`` / ``config.init_from``).
+
+A rollout batch (all arrays; ``P`` = ``data.max_length`` prompt tokens, ``T`` =
+``grpo.max_new_tokens``)::
+
+    tokens, input_mask, mask_ar   [B, P + T]   prompt (left-padded) + completion
+    images                        [B, N, H, W, C]
+    completion_mask               [B, T]       1 on generated tokens (stop token included)
+    old_logp, ref_logp            [B, T]       trainer log-probs at rollout time (policy, ref)
+    sampler_logp                  [B, T]       the sampler's log-probs of the same tokens
+    advantages                    [B]
+    reward, reward_<name>         [B]          total and per-function rewards
+
+The shared loop cannot drive this yet: it needs a hook that calls :meth:`rollout` with the
+current params between fetching a batch of prompts and the jitted update, and repeats the
+update ``mu`` times on its result (see :meth:`GRPOTask.rollout`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medvl_jax import rewards as rewards_lib
+from medvl_jax.tasks import dpo, losses, rl_losses
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``grpo`` section of a config."""
+    c = ml_collections.ConfigDict()
+    c.group_size = 4               # G completions per prompt; data.batch_size = prompts * G.
+    c.max_new_tokens = 16
+    c.temperature = 1.0
+    c.top_k = 0
+    c.top_p = 1.0
+    c.mu = 1                       # Updates per rollout batch (old_logp fixed over them).
+    c.eps_low = 0.2
+    c.eps_high = 0.28              # DAPO clip-higher; equal to eps_low for PPO/GRPO.
+    c.beta = 0.04                  # k3 KL weight; 0 skips the reference.
+    c.aggregation = "token_mean"   # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
+    c.scale = "std"                # std (GRPO) | none (Dr.GRPO)
+    c.ddof = 0
+    c.adv_eps = 1e-6
+    c.rewards = {"accuracy": 1.0, "length": 0.0}  # {name: weight}, names of rewards.available
+    c.length_buffer = 4            # Tokens of the soft overlong penalty before max_new_tokens.
+    c.eval_studies = 100
+    c.eval_batch_size = 64
+    c.eval_max_new_tokens = 16
+    return c
+
+
+def _completion_logp(logits, tokens, prompt_len: int, t: int):
+    """Trainer log-probs ``[B, T]`` of the completion tokens (positions ``P .. P+T-1``)."""
+    lp = losses.token_logprobs(logits, tokens)  # entry i: token i+1
+    return lp[:, prompt_len - 1:prompt_len - 1 + t]
+
+
+class GRPOTask(dpo.DPOTask):
+    """Policy model, rollouts and the GRPO loss (model, LoRA, reference and evaluation as in
+    :class:`medvl_jax.tasks.dpo.DPOTask`)."""
+
+    name = "grpo"
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *,
+                 reference_params=None):
+        g = config.grpo
+        view = ml_collections.ConfigDict(config.to_dict())
+        view.dpo = dpo.default_config()  # The DPO task reads model/eval settings from here.
+        for k in ("eval_studies", "eval_batch_size", "eval_max_new_tokens"):
+            view.dpo[k] = g[k]
+        super().__init__(view, tokenizer, reference_params=reference_params)
+        self.config = config
+        if g.aggregation not in rl_losses.AGGREGATIONS:
+            raise ValueError(f"grpo.aggregation must be one of {rl_losses.AGGREGATIONS}, got "
+                             f"{g.aggregation!r}")
+        if g.group_size < 2:
+            raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative within a "
+                             f"group), got {g.group_size}")
+        if config.data.batch_size % g.group_size:
+            raise ValueError(f"data.batch_size={config.data.batch_size} is not a multiple of "
+                             f"grpo.group_size={g.group_size}")
+        if g.mu < 1:
+            raise ValueError(f"grpo.mu must be >= 1, got {g.mu}")
+        self.reward_fn = rewards_lib.combine(dict(g.rewards), rewards_lib.available(
+            max_tokens=int(g.max_new_tokens), buffer_tokens=int(g.length_buffer)))
+        from medvl_jax.data import chat
+
+        self.stop_id = tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
+            config.data.template))
+
+    # --- shapes ------------------------------------------------------------------------------
+
+    def dummy_batch(self, batch_size: int) -> dict:
+        """Zeros shaped like a rollout batch of ``batch_size`` completions."""
+        one = self.policy.dummy_batch(batch_size)
+        t = int(self.config.grpo.max_new_tokens)
+        b, p = one["tokens"].shape
+        z = np.zeros((b, t), np.float32)
+        out = {"tokens": np.pad(one["tokens"], ((0, 0), (0, t))),
+               "input_mask": np.ones((b, p + t), bool), "mask_ar": np.ones((b, p + t), np.int32),
+               "images": one["images"], "completion_mask": np.ones((b, t), np.int32),
+               "old_logp": z, "ref_logp": z, "sampler_logp": z,
+               "advantages": np.zeros((b,), np.float32), "reward": np.zeros((b,), np.float32)}
+        for name in self.reward_fn.functions:
+            out[f"reward_{name}"] = np.zeros((b,), np.float32)
+        return out
+
+    def init(self, rng, batch):
+        """Policy parameters for a rollout batch of this shape."""
+        p = self.config.data.max_length
+        return self.policy.init(rng, {"tokens": batch["tokens"][:, :p],
+                                      "images": batch["images"],
+                                      "input_mask": batch["input_mask"][:, :p],
+                                      "mask_ar": batch["mask_ar"][:, :p]})
+
+    # --- rollout (host side, outside the jitted update) --------------------------------------
+
+    @functools.cached_property
+    def _logp_fn(self):
+        """Jitted ``(model params, tokens, images, input_mask, mask_ar) -> completion logp``."""
+        p, t = int(self.config.data.max_length), int(self.config.grpo.max_new_tokens)
+
+        def fn(model_params, tokens, images, input_mask, mask_ar):
+            logits, _ = self.model.apply({"params": model_params}, tokens, images,
+                                         input_mask=input_mask, mask_ar=mask_ar)
+            return _completion_logp(logits, tokens, p, t)
+
+        return jax.jit(fn)
+
+    def rollout(self, params, examples: list[dict], rng) -> dict:
+        """A rollout batch (module docstring) for ``examples`` (single-question MedSynth
+        examples with ``meta.answer`` / ``meta.question_type``): ``G`` sampled completions
+        each, consecutive.
+
+        This is the hook the loop needs: called with the current params before each group
+        of ``grpo.mu`` updates, its result fed to the jitted step ``mu`` times.
+        """
+        from medvl_jax.sampling import sampler
+
+        g = self.config.grpo
+        gs, t = int(g.group_size), int(g.max_new_tokens)
+        prompts = self.policy._prompt_batch(examples)  # LEFT-padded to data.max_length.
+        rep = {k: np.repeat(v, gs, axis=0) for k, v in prompts.items()}
+        model_params = self.model_params(params)
+        out = sampler.generate(self.model_config, model_params, rep["tokens"],
+                               rep["input_mask"], images=rep["images"], mask_ar=rep["mask_ar"],
+                               max_new_tokens=t, rng=rng, temperature=float(g.temperature),
+                               top_k=int(g.top_k), top_p=float(g.top_p),
+                               stop_tokens=[self.stop_id], pad_id=self.tokenizer.pad_token_id)
+        cmask = (np.arange(t)[None] < out.lengths[:, None]).astype(np.int32)
+        batch = {"tokens": np.concatenate([rep["tokens"], out.tokens], 1).astype(np.int32),
+                 "input_mask": np.concatenate([rep["input_mask"], cmask.astype(bool)], 1),
+                 "mask_ar": np.concatenate([rep["mask_ar"], np.ones_like(cmask)], 1),
+                 "images": rep["images"], "completion_mask": cmask,
+                 "sampler_logp": np.asarray(out.logprobs, np.float32)}
+        args = (batch["tokens"], batch["images"], batch["input_mask"], batch["mask_ar"])
+        batch["old_logp"] = np.asarray(self._logp_fn(model_params, *args), np.float32)
+        batch["ref_logp"] = (np.asarray(self._logp_fn(self.reference_params(params), *args),
+                                        np.float32) if g.beta > 0
+                             else np.zeros_like(batch["old_logp"]))
+        # Rewards on the decoded answers (stop token removed), lengths in tokens.
+        texts = [self.tokenizer.decode(row[:n - 1 if d else n].tolist(),
+                                       skip_special_tokens=True).strip()
+                 for row, n, d in zip(out.tokens, out.lengths, out.done)]
+        fields = {"answer": [ex["meta"]["answer"] for ex in examples for _ in range(gs)],
+                  "question_type": [ex["meta"]["question_type"] for ex in examples
+                                    for _ in range(gs)],
+                  "options": [ex["meta"].get("options") or [] for ex in examples
+                              for _ in range(gs)],
+                  "completion_lengths": [int(n) for n in out.lengths]}
+        questions = [ex["messages"][0]["content"] for ex in examples for _ in range(gs)]
+        total, parts = self.reward_fn.components(questions, texts, **fields)
+        batch["reward"] = np.asarray(total, np.float32)
+        for name, values in parts.items():
+            batch[f"reward_{name}"] = np.asarray(values, np.float32)
+        batch["advantages"] = np.asarray(rl_losses.group_advantages(
+            jnp.asarray(batch["reward"]), gs, scale=g.scale, ddof=int(g.ddof),
+            eps=float(g.adv_eps)))
+        return batch
+
+    # --- loss (inside the jitted update) -----------------------------------------------------
+
+    def loss(self, params, batch, rng):
+        """``(loss, metrics)`` of a rollout batch: :func:`rl_losses.grpo_loss` plus reward,
+        accuracy, completion length (tokens), entropy and the sampler-trainer log-prob gap."""
+        g = self.config.grpo
+        p, t = int(self.config.data.max_length), int(g.max_new_tokens)
+        logits = self.policy.apply(params, batch, rng)
+        logp = _completion_logp(logits, batch["tokens"], p, t)
+        mask = batch["completion_mask"].astype(jnp.float32)
+        loss, metrics = rl_losses.grpo_loss(
+            logp, batch["old_logp"], batch["ref_logp"] if g.beta > 0 else None,
+            batch["advantages"], mask, eps_low=float(g.eps_low), eps_high=float(g.eps_high),
+            beta=float(g.beta), aggregation=g.aggregation,
+            max_len=t if g.aggregation == "dr_grpo" else None)
+        n = jnp.maximum(mask.sum(), 1.0)
+        comp_logits = jax.lax.stop_gradient(logits[:, p - 1:p - 1 + t].astype(jnp.float32))
+        logq = jax.nn.log_softmax(comp_logits, axis=-1)
+        entropy = -(jnp.exp(logq) * logq).sum(-1)
+        gap = jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"])
+        metrics.update(
+            entropy=(entropy * mask).sum() / n,
+            sampler_logp_gap=(gap * mask).sum() / n,
+            sampler_logp_gap_max=jnp.where(mask > 0, gap, 0.0).max(),
+            completion_length=mask.sum(1).mean(),
+            reward=batch["reward"].mean())
+        for name in self.reward_fn.functions:
+            metrics[f"reward_{name}"] = batch[f"reward_{name}"].mean()
+        return loss, metrics
+
+    def count_tokens(self, local_batch) -> int:
+        """Real tokens of the rollout batch (prompts and completions)."""
+        return int(np.asarray(local_batch["input_mask"]).sum())
+
+    def data_iterator(self, config, *, process_index: int, process_count: int):
+        """Not available: GRPO batches are rollouts of the current params (see the module
+        docstring for the hook the loop needs)."""
+        raise NotImplementedError("GRPO batches are made by GRPOTask.rollout from the current "
+                                  "params; the shared loop has no rollout hook yet")

@@ -1,0 +1,149 @@
+"""DPO: preference pairs from MedSynth, the task's loss against an independent computation,
+and a smoke run of configs/medsynth_dpo.py from an SFT checkpoint."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medvl_jax import config as config_lib
+from medvl_jax.convert import checkpoint_io
+from medvl_jax.data import medsynth, pipeline, preferences
+from medvl_jax.evaluate import scoring
+from medvl_jax.tasks import dpo, pretrained, rl_losses
+from medvl_jax.tasks.sft import SFTTask
+from medvl_jax.train import cli
+
+RUN = ["--config.train.progress=False"]
+
+
+@pytest.fixture(scope="module")
+def records():
+    src = medsynth.MedSynthSource(medsynth.MedSynthConfig(kind="cxr", split="train",
+                                                          num_studies=24, image_size=64))
+    return [src[i] for i in range(len(src))]
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A MedSynth SFT model (random weights) written as a checkpoint directory, the layout a
+    training workdir is exported to."""
+    config = config_lib.load_config("configs/medsynth_sft.py:smoke", {})
+    tok = pipeline.make_tokenizer(config.tokenizer)
+    task = SFTTask(config, tok)
+    params = nn.unbox(jax.jit(task.init)(jax.random.key(0), task.dummy_batch(1)))
+    out = str(tmp_path_factory.mktemp("sft") / "ckpt")
+    checkpoint_io.save_checkpoint(out, params, {
+        "family": checkpoint_io.NATIVE_VLM,
+        "model_config": checkpoint_io.config_to_dict(task.model_config)})
+    tok.save_pretrained(os.path.join(out, checkpoint_io.TOKENIZER_DIR))
+    return out
+
+
+def test_wrong_answers_are_valid_and_wrong(records):
+    rng = np.random.default_rng(0)
+    seen = set()
+    for rec in records:
+        for qa in rec["qa"]:
+            bad = preferences.wrong_answer(qa, rng)
+            assert bad is not None, qa
+            assert scoring.score(qa["type"], bad, qa["answer"]) == 0.0, (qa, bad)
+            if qa["type"] == "multiple_choice":
+                assert bad in "ABCD"[:len(qa["options"])]
+            seen.add(qa["type"])
+    assert {"closed", "multiple_choice", "counting", "size", "box", "open"} <= seen
+
+
+def test_pairs(records):
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for rec in records:
+        p = preferences.make_pair(rec, rng, visual_fraction=0.5,
+                                  weights={"text": 1.0, "visual": 2.0})
+        kinds.add(p["meta"]["pair_kind"])
+        clean, other = p["images_chosen"][0], p["images_rejected"][0]
+        if p["meta"]["pair_kind"] == "visual":
+            assert p["chosen"] == p["rejected"] == p["meta"]["answer"]
+            assert p["meta"]["weight"] == 2.0
+            boxes = [n["box"] for n in json.loads(rec["findings"])["nodules"]]
+            changed = np.argwhere(clean != other)
+            assert len(changed) > 0
+            h, w = clean.shape
+            inside = np.zeros(clean.shape, bool)
+            for x0, y0, x1, y1 in boxes:  # Only the nodule boxes (plus a 2% margin) change.
+                inside[int((y0 / 100 - .02) * h):int(np.ceil((y1 / 100 + .02) * h)),
+                       int((x0 / 100 - .02) * w):int(np.ceil((x1 / 100 + .02) * w))] = True
+            assert inside[tuple(changed.T)].all()
+        else:
+            assert p["chosen"] == p["meta"]["answer"] != p["rejected"]
+            np.testing.assert_array_equal(clean, other)
+    assert kinds == {"text", "visual"}
+
+
+def _config(ckpt, *extra):
+    overrides, _ = config_lib.parse_overrides([f"--config.init_from={ckpt}", *extra] + RUN)
+    config = config_lib.load_config("configs/medsynth_dpo.py:smoke", overrides)
+    cli.validate(config)
+    return pretrained.resolve_config(config)
+
+
+def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
+    config = _config(sft_checkpoint, "--config.dpo.label_smoothing=0.1",
+                     "--config.dpo.pair_weights.visual=3.0")
+    tok = pipeline.make_tokenizer(config.tokenizer)
+    _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
+    # A reference different from the policy, so that the loss is not log 2.
+    ref = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape,
+                                                              x.dtype), params)
+    task = dpo.DPOTask(config, tok, reference_params=ref)
+    batch = next(task.data_iterator(config, process_index=0, process_count=1))
+    assert set(batch) == set(task.dummy_batch(1))
+    loss, metrics = jax.jit(task.loss)(params, batch, jax.random.key(0))
+
+    def seq_logp(p, side):  # Full forward pass, NumPy log-softmax in float64.
+        logits, _ = task.model.apply({"params": p}, batch[f"{side}_tokens"],
+                                     batch[f"{side}_images"],
+                                     input_mask=batch[f"{side}_input_mask"],
+                                     mask_ar=batch[f"{side}_mask_ar"])
+        x = np.asarray(logits, np.float64)
+        lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        toks = np.asarray(batch[f"{side}_tokens"])
+        mask = np.asarray(batch[f"{side}_loss_mask"] * batch[f"{side}_input_mask"])
+        out = []
+        for b in range(len(toks)):
+            out.append(sum(x[b, t - 1, toks[b, t]] - lse[b, t - 1]
+                           for t in range(1, toks.shape[1]) if mask[b, t]))
+        return np.asarray(out)
+
+    lp = {(who, s): seq_logp(p, s) for who, p in (("pi", params), ("ref", ref)) for s in dpo.SIDES}
+    assert all((np.asarray(batch[f"{s}_loss_mask"]).sum(1) > 0).all() for s in dpo.SIDES)
+    want, want_m = rl_losses.dpo_loss(*(jnp.asarray(lp[k], jnp.float32) for k in (
+        ("pi", "chosen"), ("pi", "rejected"), ("ref", "chosen"), ("ref", "rejected"))),
+        beta=0.1, label_smoothing=0.1, weights=batch["weight"])
+    assert abs(float(loss) - float(want)) <= 1e-5 * abs(float(want))
+    assert abs(float(loss) - np.log(2)) > 1e-4
+    np.testing.assert_allclose(float(metrics["chosen_logp"]), lp["pi", "chosen"].mean(),
+                               rtol=1e-5)
+    assert float(metrics["reward_accuracy"]) == float(want_m["reward_accuracy"])
+    g = jax.grad(lambda p: task.loss(p, batch, jax.random.key(0))[0])(params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
+def test_smoke_run_starts_at_the_reference(sft_checkpoint, tmp_path):
+    wd = str(tmp_path / "wd")
+    assert cli.main(["--config", "configs/medsynth_dpo.py:smoke", "--workdir", wd,
+                     f"--config.init_from={sft_checkpoint}"] + RUN) == 0
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Step 0: the policy is the reference (the init_from weights), so the loss is log 2.
+    assert abs(rows[0]["loss"] - np.log(2)) < 1e-5
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The DPO workdir exports like any other (for generation, evaluation, HF conversion).
+    from medvl_jax.convert import workdir
+
+    out = workdir.resolve(wd)
+    assert checkpoint_io.read_meta(out)["source"]["step"] == 3
