@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = None                # None: the checkpoint's.
     c.data.num_image_tokens = None          # None: the checkpoint's.
     c.data.channels = 1
-    c.data.max_length = 96
+    c.data.max_length = 128                 # 64 image tokens + one question and answer.
     c.data.template = "gemma"               # As the SFT run.
 
     c.dpo = dpo.default_config()

@@ -259,8 +259,12 @@ def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
 
 def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "train",
                   process_index: int = 0, process_count: int = 1,
-                  skips: SkipCounter | None = None) -> grain.IterDataset:
+                  skips: SkipCounter | None = None,
+                  examples_per_batch: int | None = None) -> grain.IterDataset:
     """The batched grain dataset of this process for ``split``.
+
+    With ``examples_per_batch`` the batches are lists of that many un-featurised examples
+    (for tasks that build model inputs themselves, e.g. GRPO's rollouts).
 
     Each source is shuffled (reshuffled every epoch) and repeated forever with its own seed, the
     sources are mixed by weight, and process ``process_index`` of ``process_count`` takes every
@@ -289,6 +293,11 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
         weights.append(src.weight)
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds[process_index::process_count]
+    if examples_per_batch is not None:
+        ds = ds.filter(lambda x: x is not None)
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                    prefetch_buffer_size=cfg.prefetch)
+                                  ).batch(examples_per_batch, drop_remainder=True, batch_fn=list)
     ds = ds.random_map(_guarded(lambda ex, rng: ex and featurize(ex, rng),
                                 skips if cfg.skip_bad_examples else None),
                        seed=cfg.seed + 2)

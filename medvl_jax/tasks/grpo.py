@@ -23,9 +23,9 @@ A rollout batch (all arrays; ``P`` = ``data.max_length`` prompt tokens, ``T`` =
     advantages                    [B]
     reward, reward_<name>         [B]          total and per-function rewards
 
-The shared loop cannot drive this yet: it needs a hook that calls :meth:`rollout` with the
-current params between fetching a batch of prompts and the jitted update, and repeats the
-update ``mu`` times on its result (see :meth:`GRPOTask.rollout`).
+The shared loop drives it through two optional task members: ``prepare_batch(params,
+local_prompts, rng)`` (here :meth:`rollout`) turns the data iterator's prompts into a rollout
+batch with the current params, and ``updates_per_batch`` (``grpo.mu``) steps reuse it.
 """
 from __future__ import annotations
 
@@ -228,7 +228,29 @@ class GRPOTask(dpo.DPOTask):
         return int(np.asarray(local_batch["input_mask"]).sum())
 
     def data_iterator(self, config, *, process_index: int, process_count: int):
-        """Not available: GRPO batches are rollouts of the current params (see the module
-        docstring for the hook the loop needs)."""
-        raise NotImplementedError("GRPO batches are made by GRPOTask.rollout from the current "
-                                  "params; the shared loop has no rollout hook yet")
+        """This process's prompts: lists of ``data.batch_size / (G * processes)`` single-question
+        examples of the configured sources (``data.qa_per_example`` must be 1), checkpointable
+        like every grain iterator. The loop turns each list into a rollout batch with
+        :meth:`prepare_batch`."""
+        from medvl_jax.data import pipeline
+
+        if config.data.qa_per_example != 1:
+            raise ValueError("GRPO prompts are single questions: set data.qa_per_example=1")
+        gs = int(self.config.grpo.group_size)
+        per_process = config.data.batch_size // process_count
+        if per_process % gs:
+            raise ValueError(f"data.batch_size / processes = {per_process} is not a multiple of "
+                             f"grpo.group_size={gs}")
+        return iter(pipeline.build_dataset(config.data, self.tokenizer, split="train",
+                                           process_index=process_index,
+                                           process_count=process_count,
+                                           examples_per_batch=per_process // gs))
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps on each rollout batch (``grpo.mu``)."""
+        return int(self.config.grpo.mu)
+
+    def prepare_batch(self, params, examples: list[dict], rng) -> dict:
+        """The loop's hook: a rollout batch of the current params for a list of prompts."""
+        return self.rollout(params, examples, rng)

@@ -312,12 +312,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
             writer.write_eval(step, out[name], name=name)
         return out
 
+    # --- tasks that make their batches from the current params (GRPO rollouts) -------------
+    mu = int(getattr(task, "updates_per_batch", 1))
+    if mu > 1 and tc.checkpoint_every % mu:
+        raise ValueError(f"train.checkpoint_every={tc.checkpoint_every} must be a multiple of "
+                         f"the task's {mu} updates per batch, so a resumed run starts a fresh "
+                         f"batch exactly where the original did")
+    rollout_rng = jax.random.fold_in(step_rng, 0x5A3)
+
     # --- the loop ---------------------------------------------------------------------------
     results: dict = {}
     with _Preempted() as preempted:
         for step in range(start, tc.steps):
-            local = next(data_iter)
-            batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
+            if not hasattr(task, "prepare_batch"):
+                local = next(data_iter)
+                batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
+            elif step % mu == 0 or step == start:  # A new rollout every `mu` updates.
+                local = task.prepare_batch(state.params, next(data_iter),
+                                           jax.random.fold_in(rollout_rng, step))
+                batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
             if step_fn is None:
                 with rules_lib.activation_rules(mesh):
                     step_fn = step_jit.lower(state, batch, step_rng).compile()

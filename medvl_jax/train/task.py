@@ -28,6 +28,11 @@ Optional members (checked with ``hasattr``)::
     data_iterator(config, *, process_index, process_count) -> iterator
                                                   # the task's own data, when train() is given
                                                   # no data_iter_fn
+    prepare_batch(params, local_data, rng) -> dict
+                                                  # host-side: turns what the iterator gave
+                                                  # into the step's batch with the current
+                                                  # params (GRPO: rollouts), outside the jit
+    updates_per_batch: int                        # optimizer steps on each prepared batch
 """
 from __future__ import annotations
 
