@@ -86,7 +86,8 @@ def run(batches=(1, 8), prompt_len: int = 32, new_tokens: int = 64, repeats: int
           f"{new_tokens} new tokens, greedy")
     print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}; jax {jax.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}; "
+          f"transformers {transformers.__version__}; load average "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print("| batch | medvl_jax tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")

@@ -14,10 +14,14 @@ axis)::
     final_norm/scale          [embed]
     lm_head                   [embed, vocab]                (unless tie_embeddings)
 
-KV cache: ``{"index": int32 [], "k": [layers, B, S, kv_heads, head_dim], "v": same}``. The
+KV cache: ``{"index": int32 [], "k": [layers, B, kv_heads, S, head_dim], "v": same}``. The
 ``L`` new tokens of a call are written at slots ``index .. index+L-1`` and ``index`` advances by
 ``L``. The caller's ``attn_mask`` is then ``[B, L, S]`` over cache slots; sliding windows are
 counted in slots (``q_slot - k_slot < window``), which equals Hugging Face's convention.
+The stacked cache travels through the layers (Python loop or ``nn.scan`` carry) and each layer
+writes its slice with one ``dynamic_update_slice``, which XLA does in place: a decode step
+reads each layer's keys/values once and never copies the whole cache. Heads sit before slots
+so each (batch, head) block is contiguous and feeds the attention dots without transposes.
 """
 from __future__ import annotations
 
@@ -118,10 +122,29 @@ class DecoderConfig:
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Dtype | None = None) -> dict:
     """An empty KV cache of ``max_len`` slots (see the module docstring for its layout)."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     dtype = dtype or config.dtype
     return {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype),
             "v": jnp.zeros(shape, dtype)}
+
+
+def cached_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
+    """Grouped-query attention over cache slots. q ``[B,L,H,D]``; k/v ``[B,K,S,D]`` (cache
+    layout); mask bool ``[B,L,S]``. Same math as ``layers.attention`` (float32 logits and
+    softmax), with dots that read the cache in its own layout."""
+    b, length, h, d = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, length, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bkgld,bksd->bkgls", qg, k, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(scale, logits_dtype)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, None, None, :, :], logits.astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bksd->bkgld", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)
 
 
 class Attention(nn.Module):
@@ -130,8 +153,12 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask ``[B,L,S]``; cache_kv (k, v) or None."""
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, layer=None):
+        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask ``[B,L,S]``.
+
+        ``cache_kv``: None, or the stacked cache ``(k, v)`` (module docstring layout), into
+        which this call writes layer ``layer`` at slot ``index``. Returns ``(out, new cache_kv)``.
+        """
         c = self.config
         e, h, kh, d = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
         init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
@@ -163,21 +190,34 @@ class Attention(nn.Module):
         k = L.apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_kv = None
-        if cache_kv is not None:
-            write = jax.lax.dynamic_update_slice_in_dim
-            ck = write(cache_kv[0], k.astype(cache_kv[0].dtype), index, 1)
-            cv = write(cache_kv[1], v.astype(cache_kv[1].dtype), index, 1)
-            new_kv = (ck, cv)
-            k, v = ck.astype(dt), cv.astype(dt)
-        out = L.attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+        if cache_kv is None:
+            out = L.attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32),
+                     zero)
+
+            def write(full, new):  # [B, L, K, D] -> in place at [layer, :, :, index:index+L]
+                new = new.astype(full.dtype).transpose(0, 2, 1, 3)[None]
+                return jax.lax.dynamic_update_slice(full, new, start)
+
+            new_kv = (write(cache_kv[0], k), write(cache_kv[1], v))
+            ck, cv = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False).astype(dt)
+                      for a in new_kv)
+            out = cached_attention(q, ck, cv, mask, scale=c.attn_scale,
+                                   softcap=c.attn_logit_softcap)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("blhd,hde->ble", out, wo.astype(dt)), new_kv
+        b, length = out.shape[:2]
+        # One [B*L, H*D] x [H*D, E] matmul: both operands are free reshapes (no weight copy).
+        return (out.reshape(b, length, h * d) @ wo.astype(dt).reshape(h * d, e)), new_kv
 
 
 class Block(nn.Module):
-    """One decoder layer. Signature fits ``nn.scan``: ``(x, per_layer, shared) -> (x, out)``.
+    """One decoder layer; fits ``nn.scan``: ``(carry, per_layer, shared) -> (carry, {})``.
 
-    ``per_layer``: dict with "is_local" (bool scalar) and, with a cache, "k"/"v" of this layer.
+    ``carry``: the residual stream ``x``, or with a cache ``(x, (k, v))`` where ``k``/``v`` are
+    the whole stacked cache (updated in place at this layer's index).
+    ``per_layer``: dict with "is_local" (bool scalar) and "layer" (int32 scalar index).
     ``shared``: dict with "cos"/"sin" and "cos_local"/"sin_local" tables, "mask",
     "mask_local" and, with a cache, "index".
     """
@@ -185,18 +225,19 @@ class Block(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, per_layer, shared):
-        """Runs the layer; returns the new residual stream and this layer's updated cache."""
+    def __call__(self, carry, per_layer, shared):
+        """Runs the layer; returns the new carry (residual stream and cache) and ``{}``."""
         c = self.config
+        x, cache_kv = carry if isinstance(carry, tuple) else (carry, None)
         is_local = per_layer["is_local"]
         cos = jnp.where(is_local, shared["cos_local"], shared["cos"])
         sin = jnp.where(is_local, shared["sin_local"], shared["sin"])
         mask = jnp.where(is_local, shared["mask_local"], shared["mask"])
         norm = dict(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=c.dtype,
                     param_dtype=c.param_dtype)
-        cache_kv = (per_layer["k"], per_layer["v"]) if "k" in per_layer else None
         h = L.RMSNorm(name="pre_attn_norm", **norm)(x)
-        h, new_kv = Attention(c, name="attn")(h, cos, sin, mask, cache_kv, shared.get("index"))
+        h, new_kv = Attention(c, name="attn")(h, cos, sin, mask, cache_kv, shared.get("index"),
+                                              per_layer["layer"])
         if c.sandwich_norms:
             h = L.RMSNorm(name="post_attn_norm", **norm)(h)
         x = x + h
@@ -205,8 +246,7 @@ class Block(nn.Module):
         if c.sandwich_norms:
             h = L.RMSNorm(name="post_mlp_norm", **norm)(h)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
-        out = {} if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
-        return x, out
+        return (x if new_kv is None else (x, new_kv)), {}
 
 
 class Decoder(nn.Module):
@@ -283,19 +323,20 @@ class Decoder(nn.Module):
             mask_local = mask
         shared = {"cos": cos, "sin": sin, "cos_local": cos_l, "sin_local": sin_l, "mask": mask,
                   "mask_local": mask_local}
-        per_layer = {"is_local": jnp.asarray(c.local_layers)}
+        carry = x
         if cache is not None:
             shared["index"] = index
-            per_layer["k"], per_layer["v"] = cache["k"], cache["v"]
+            carry = (x, (cache["k"], cache["v"]))
 
         if c.scan_layers:
-            x, outs = self.layers(x, per_layer, shared)
+            per_layer = {"is_local": jnp.asarray(c.local_layers),
+                         "layer": jnp.arange(c.num_layers, dtype=jnp.int32)}
+            carry, _ = self.layers(carry, per_layer, shared)
         else:
-            collected = []
             for i, blk in enumerate(self.blocks):
-                x, out = blk(x, jax.tree.map(lambda a: a[i], per_layer), shared)
-                collected.append(out)
-            outs = jax.tree.map(lambda *a: jnp.stack(a), *collected) if cache is not None else {}
+                per_layer = {"is_local": jnp.asarray(c.local_layers[i]), "layer": i}
+                carry, _ = blk(carry, per_layer, shared)
+        x, new_kv = carry if cache is not None else (carry, None)
 
         x = self.final_norm(x)
         head = self.embedding.T if c.tie_embeddings else self.lm_head
@@ -305,5 +346,5 @@ class Decoder(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         aux = {"hidden": x}
         if cache is not None:
-            aux["cache"] = {"index": index + length, "k": outs["k"], "v": outs["v"]}
+            aux["cache"] = {"index": index + length, "k": new_kv[0], "v": new_kv[1]}
         return logits, aux

@@ -155,7 +155,8 @@ def test_sft_trains_only_lora(tmp_path):
         "--config.train.steps=3", "--config.train.checkpoint_every=3",
         "--config.model.text.num_layers=2", "--config.model.text.embed_dim=64",
         "--config.model.text.head_dim=16", "--config.model.text.mlp_dim=96",
-        "--config.model.vision.depth=1", "--config.model.vision.width=32",
+        "--config.model.vision.depth=1", "--config.model.vision.feature_layer=-1",
+        "--config.model.vision.width=32",
         "--config.model.vision.mlp_dim=64", "--config.model.vision.num_heads=2",
         "--config.train.progress=False", "--config.sft.eval_studies=0",
         "--config.optim.warmup_steps=0", "--config.data.batch_size=8"])
