@@ -16,6 +16,7 @@ numbers are not recorded yet.
 import ml_collections
 
 from medvl_jax.data import pipeline
+from medvl_jax.models import lora
 from medvl_jax.tasks import sft
 from medvl_jax.train import loop, optim
 
@@ -35,21 +36,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_images = 2
     c.data.image_size = 64
     c.data.channels = 1
-    c.data.num_image_tokens = 16
-    c.data.max_length = 96
+    c.data.num_image_tokens = 64
+    # Eight question/answer turns per study: one pass over the images supervises eight
+    # answers. Conversations longer than max_length lose their last turns.
+    c.data.qa_per_example = 2 if smoke else 8
+    c.data.max_length = 192 if smoke else 288
+    c.data.truncation = "right"
 
     c.sft = sft.default_config()
-    # 64x64 images, 8x8 patches, 2x2 token merge -> 16 image tokens each.
+    # A LLaVA layout (exports to transformers' LlavaForConditionalGeneration): a SigLIP ViT on
+    # 64x64 images in 8x8 patches (64 tokens each; 2D sine-cosine start for its position
+    # table), a 2-layer GELU projector, a small Llama-style decoder. The vision tower gets most
+    # of the compute: the text is templated, the findings are in the pixels.
     c.model = ml_collections.ConfigDict(dict(
         vision=dict(layout="siglip", image_size=64, patch_size=8, num_channels=1, width=128,
-                    depth=3, num_heads=4, mlp_dim=512, token_merge=2),
-        text=dict(embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                  mlp_dim=768, tie_embeddings=False, rope_theta=10000.0),
+                    depth=4, num_heads=4, mlp_dim=512, token_merge=1, feature_layer=4,
+                    pos_init="sincos2d"),
+        text=dict(embed_dim=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                  mlp_dim=512, tie_embeddings=False, rope_theta=10000.0),
         projector="mlp2x_gelu",
     ))
+    c.lora = lora.default_config()  # rank 0: off.
 
     c.optim = optim.default_config()
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3
     c.optim.warmup_steps = 5 if smoke else 50
     c.optim.weight_decay = 1e-4
 

@@ -15,3 +15,12 @@ if "MEDVL_JAX_CACHE" not in os.environ:
     import tempfile
 
     os.environ["MEDVL_JAX_CACHE"] = tempfile.mkdtemp(prefix="medvl_jax_cache_")
+
+# Many tests compile the same small programs (the smoke configs' train and eval steps): a
+# compilation cache shared by the test processes compiles each of them once per session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="medvl_jax_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -10,13 +10,18 @@ import ml_collections
 
 from medvl_jax import config as config_lib
 from medvl_jax.data import pipeline
-from medvl_jax.tasks import sft
+from medvl_jax.models import lora
+from medvl_jax.tasks import contrastive, dpo, grpo, pretrained, sft
 from medvl_jax.train import loop, optim
 
 # Task name (config.task) -> (task class, its config section name, that section's defaults).
-TASKS = {"sft": (sft.SFTTask, "sft", sft.default_config)}
+TASKS = {"sft": (sft.SFTTask, "sft", sft.default_config),
+         "dpo": (dpo.DPOTask, "dpo", dpo.default_config),
+         "grpo": (grpo.GRPOTask, "grpo", grpo.default_config),
+         "contrastive": (contrastive.ContrastiveTask, "contrastive", contrastive.default_config)}
 
-_TOP_LEVEL = {"task", "tokenizer", "data", "model", "optim", "train", "model_family"}
+_TOP_LEVEL = {"task", "tokenizer", "data", "model", "optim", "train", "model_family", "lora",
+              "init_from"}  # init_from: a converted checkpoint dir (medvl_jax.tasks.pretrained)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -32,9 +37,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise KeyError(f"unknown config key {key!r}; allowed at the top level: "
                            f"{sorted(allowed)}")
     for name, ref in (("data", pipeline.default_config()), ("optim", optim.default_config()),
-                      ("train", loop.default_config()), (section, defaults())):
+                      ("train", loop.default_config()), ("lora", lora.default_config()),
+                      (section, defaults())):
         if name in config:
             loop.validate_config(config[name], ref, prefix=name + ".")
+    if "lora" in config:
+        lora.check_config(config.lora)
 
 
 def print_table(results: dict) -> None:
@@ -46,6 +54,15 @@ def print_table(results: dict) -> None:
     for qtype, row in results["per_type"].items():
         print(f"{qtype:<18}{row['n']:>6}{100 * row['score']:>8.1f}%")
     print(f"{'overall':<18}{results['num_questions']:>6}{100 * results['overall']:>8.1f}%")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint to resume from."""
+    from medvl_jax.train import checkpoint as ckpt_lib
+
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and ckpt_lib.CheckpointManager(
+        path, async_save=False).latest_step() is not None
 
 
 def main(argv=None) -> int:
@@ -60,13 +77,25 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     config = config_lib.load_config(args.config, overrides)
     validate(config)
+    # init_from: model/tokenizer from the checkpoint (a VLM, or a two-tower model).
+    starts = contrastive if config.task == "contrastive" else pretrained
+    config = starts.resolve_config(config)
     from medvl_jax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()
     tokenizer = pipeline.make_tokenizer(config.tokenizer)
+    init_from = config.get("init_from") or ""
+    if init_from and starts is pretrained:
+        pretrained.check_tokenizer(tokenizer, pretrained.checkpoint_config(init_from), init_from)
     task_cls = TASKS[config.task][0]
     task = task_cls(config, tokenizer)
-    results = loop.train(config, args.workdir, task)
+    weights = None
+    if init_from and not _has_checkpoint(args.workdir):  # A resumed run has its own weights.
+        weights = starts.load_params(init_from, task)
+        print(f"starting from {init_from}")
+    results = loop.train(config, args.workdir, task, pretrained=weights)
     print_table(results)
+    if hasattr(task, "report"):  # A task's own results table (contrastive).
+        task.report(results, args.workdir)
     if results.get("per_type"):
         path = os.path.join(args.workdir, "results.json")
         with open(path, "w") as f:

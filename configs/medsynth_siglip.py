@@ -1,0 +1,72 @@
+"""MedSynth SigLIP: contrastive image–report pretraining from scratch on chest radiographs (CPU).
+
+Command:
+
+    python -m medvl_jax.train --config configs/medsynth_siglip.py --workdir /tmp/medsynth_siglip
+
+A tiny two-tower model (64x64 images, 8x8 patches, 2-layer ViT of width 128, mean-pooled;
+2-layer SigLIP text tower of width 128, mean-pooled, 96 tokens) trained with the sigmoid loss
+on (radiograph, whole report) pairs, batch 128, 200 steps. At the end the MedSynth test table
+is printed (zero-shot ROC-AUC per finding, retrieval recall, linear probe) and written to
+<workdir>/contrastive_results.json.
+
+Measured (2026-11-25, 2 shared cores, load average 6-10 from other jobs): 2.1-5.4 s/step,
+15 min for the whole run with evaluation; train loss 5.85 -> 5.01; zero-shot test ROC-AUC
+nodule 0.48, effusion 0.79, cardiomegaly 0.999 (linear probe 0.67 / 0.85 / 1.00). The 0.90
+target is not reached for nodule and effusion yet; see docs/contrastive.md.
+
+`:smoke` runs a few steps on tiny data in seconds (used by tests).
+"""
+import ml_collections
+
+from medvl_jax.data import pipeline
+from medvl_jax.tasks import contrastive
+from medvl_jax.train import loop, optim
+
+
+def model(*, depth: int = 2, text_depth: int = 2, width: int = 128, max_len: int = 32,
+          logit_init: str = "siglip") -> ml_collections.ConfigDict:
+    """The tiny two-tower model of the MedSynth contrastive configs."""
+    return ml_collections.ConfigDict(dict(
+        vision=dict(layout="siglip", image_size=64, patch_size=8, num_channels=1, width=width,
+                    depth=depth, num_heads=4, mlp_dim=4 * width, use_head=False),
+        text=dict(layout="siglip", max_len=max_len, width=width, depth=text_depth, num_heads=4,
+                  mlp_dim=4 * width, pooler=False),
+        embed_dim=None, image_pool="mean", text_pool="mean", logit_init=logit_init,
+    ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    smoke = arg == "smoke"
+    c = ml_collections.ConfigDict()
+    c.task = "contrastive"
+    c.tokenizer = "medsynth"
+
+    c.data = pipeline.default_config()
+    c.data.sources = {"cxr": pipeline.medsynth_source(
+        "cxr", num_studies=64 if smoke else 16000, render_size=64)}
+    c.data.batch_size = 16 if smoke else 128
+    c.data.image_size = 64
+    c.data.channels = 1
+    c.data.max_length = 96          # Text tokens: reports are 60-136 (cut on the right).
+
+    c.contrastive = contrastive.default_config()
+    c.contrastive.loss = "siglip"
+    c.contrastive.sentences = 0     # Whole reports.
+    c.contrastive.eval_studies = 16 if smoke else 500
+    c.contrastive.probe_studies = 16 if smoke else 1000
+    c.contrastive.eval_batch_size = 16 if smoke else 250
+
+    c.model = model(max_len=c.data.max_length)
+
+    c.optim = optim.default_config()
+    c.optim.lr = 3e-4               # 1e-3 collapses the image embeddings within 20 steps.
+    c.optim.warmup_steps = 2 if smoke else 20
+    c.optim.weight_decay = 1e-4
+    c.optim.lr_groups = {"logit_": 10.0}  # The scale and bias move faster than the weights.
+
+    c.train = loop.default_config()
+    c.train.steps = 4 if smoke else 200
+    c.train.log_every = 1 if smoke else 20
+    c.train.checkpoint_every = 2 if smoke else 100
+    return c

@@ -1,0 +1,372 @@
+"""Image–text pairs for contrastive pretraining: sources, text sampling, grain pipeline.
+
+    sources (MedSynth cxr/ct studies, {"image", "text"} JSONL files, {"image", "labels"} JSONL
+    files captioned by templates), each shuffled and repeated with its own seed
+      → one pair per record: (image, text), the text sampled with the record's grain rng
+      → mixed by weight → this process's shard → decode + preprocess the image, tokenise
+      → fixed-shape batches
+
+Batches (static shapes, so the jitted step compiles once)::
+
+    images      float32 [B, H, W, C] (2D) or [B, D, H, W, C] (volumes, ``data.volume_shape``)
+    tokens      int32   [B, L]  text token ids, padded with the tokenizer's pad id
+    input_mask  bool    [B, L]  True on real tokens
+
+``L`` is ``data.max_length``. Texts are sampled ConVIRT-style: ``sentences = k > 0`` keeps k
+random sentences of the report (in report order), ``k = 0`` the whole report. The choice is
+made with the rng grain gives each element of the repeated dataset, so it is deterministic in
+(seed, epoch, index) and differs from epoch to epoch.
+
+Source entries of ``config.data.sources`` (kind and weight, plus the kind's fields)::
+
+    {"kind": "medsynth", "medsynth_kind": "cxr" | "ct", "num_studies", "render_size",
+     "volume_shape", "seed"}                                (see pipeline.medsynth_source)
+    {"kind": "pairs", "path": "x.jsonl", "image_root": None}     lines {"image": path, "text"}
+    {"kind": "labels", "path": "x.jsonl", "image_root": None}    lines {"image": path,
+        "labels": {name: bool}} or {"image": path, "label": name}; captions by templates
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from medvl_jax.data import pipeline
+from medvl_jax.data.errors import DataError, SkipCounter
+
+# --------------------------------------------------------------------------------------------
+# Text: sentences of a report, label captions.
+# --------------------------------------------------------------------------------------------
+
+_HEADER = re.compile(r"\b(?:FINDINGS|IMPRESSION|COMPARISON|HISTORY|INDICATION|TECHNIQUE):\s*")
+_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_ENUM = re.compile(r"^\d+[.)]$")
+
+
+def report_sentences(report: str) -> list[str]:
+    """The sentences of a report, section headers (FINDINGS:, IMPRESSION:, ...) and list
+    numbers ("1.") removed, in order."""
+    out = []
+    for part in _HEADER.split(report):
+        for s in _SPLIT.split(part.strip()):
+            s = s.strip()
+            if s and not _ENUM.match(s):
+                out.append(s)
+    return out
+
+
+def sample_text(report: str, rng: np.random.Generator, sentences: int) -> str:
+    """``sentences`` random sentences of ``report`` (kept in report order, joined by spaces);
+    the whole report when ``sentences`` is 0 or the report has no more sentences than that."""
+    if sentences < 0:
+        raise ValueError(f"sentences must be >= 0, got {sentences}")
+    if sentences == 0:
+        return report
+    parts = report_sentences(report)
+    if len(parts) <= sentences:
+        return " ".join(parts) if parts else report
+    keep = np.sort(rng.choice(len(parts), size=sentences, replace=False))
+    return " ".join(parts[i] for i in keep)
+
+
+# name -> (templates when present, templates when absent); "{name}" is the label itself.
+CAPTION_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "nodule": (("Pulmonary nodule.", "A nodule is seen in the lung."),
+               ("No pulmonary nodule.", "The lungs are clear.")),
+    "effusion": (("Pleural effusion.", "There is a pleural effusion."),
+                 ("No pleural effusion.", "The costophrenic angles are sharp.")),
+    "cardiomegaly": (("Cardiomegaly.", "The heart is enlarged."),
+                     ("Heart size is normal.", "No cardiomegaly.")),
+}
+_DEFAULT_TEMPLATES = (("{Name}.", "There is {name}."), ("No {name}.", "No evidence of {name}."))
+
+
+def caption_from_labels(labels: Mapping[str, bool] | Sequence[str] | str,
+                        rng: np.random.Generator | None = None,
+                        templates: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None
+                        ) -> str:
+    """A caption for a label-only example: one sentence per label, in label order.
+
+    ``labels``: {name: present} (absent labels get a negative sentence), or the names of the
+    labels present (a string is one label). ``templates``: name → (present templates, absent
+    templates), default :data:`CAPTION_TEMPLATES`; other names use "{Name}." / "No {name}.".
+    ``rng`` picks one template per label (None: the first).
+    """
+    if isinstance(labels, str):
+        labels = {labels: True}
+    elif not isinstance(labels, Mapping):
+        labels = {str(name): True for name in labels}
+    if not labels:
+        raise ValueError("caption_from_labels: no labels")
+    table = CAPTION_TEMPLATES if templates is None else templates
+    out = []
+    for name, present in labels.items():
+        if not isinstance(present, (bool, np.bool_, int)):
+            raise ValueError(f"label {name!r}: value must be a bool, got {present!r}")
+        pos, neg = table.get(name, _DEFAULT_TEMPLATES)
+        options = pos if present else neg
+        tpl = options[0] if rng is None else options[int(rng.integers(len(options)))]
+        words = name.replace("_", " ")
+        out.append(tpl.format(name=words, Name=words[:1].upper() + words[1:]))
+    return " ".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: records → pairs {"id", "image" (array or path), "text", "modality"}.
+# --------------------------------------------------------------------------------------------
+
+class JsonlPairs:
+    """Records of a JSONL file of pairs: each line ``{"image": path, "text": str}`` (or, with
+    ``labels=True``, ``{"image": path, "labels": {name: bool}}`` / ``{"image": path, "label":
+    name}``). Paths are relative to ``image_root`` (default: the file's directory). Every line
+    is checked when the source is built; a bad one raises DataError naming file:line."""
+
+    def __init__(self, path: str, image_root: str | None = None, *, labels: bool = False):
+        if not os.path.exists(path):
+            raise DataError("file not found", where=path, reason="missing")
+        self.path = path
+        root = image_root if image_root is not None else os.path.dirname(path)
+        self.records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"invalid JSON ({e.msg})", where=where,
+                                    reason="bad_json") from None
+                if not isinstance(rec, dict):
+                    raise DataError("line is not a JSON object", where=where, reason="bad_record")
+                image = rec.get("image")
+                if not isinstance(image, str) or not image:
+                    raise DataError('no "image" (a path) in the pair', where=where,
+                                    reason="bad_record")
+                out = {"id": str(rec.get("id", where)), "image": os.path.join(root, image),
+                       "modality": rec.get("modality")}
+                if labels:
+                    lab = rec.get("labels", rec.get("label"))
+                    if lab is None or lab == {} or lab == []:
+                        raise DataError('no "labels" or "label" in the record', where=where,
+                                        reason="bad_record")
+                    out["labels"] = lab
+                else:
+                    text = rec.get("text")
+                    if not isinstance(text, str) or not text.strip():
+                        raise DataError('no "text" (a non-empty string) in the pair',
+                                        where=where, reason="bad_record")
+                    out["text"] = text
+                self.records.append(out)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.records[int(index)])
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSource:
+    """A configured source: its records and ``to_pair(record, rng) -> pair``."""
+    name: str
+    records: Any
+    to_pair: Callable[[Any, np.random.Generator], dict]
+    weight: float = 1.0
+
+
+_FIELDS = {
+    "medsynth": {"kind", "weight", "medsynth_kind", "num_studies", "render_size",
+                 "volume_shape", "seed", "question_types"},
+    "pairs": {"kind", "weight", "path", "image_root"},
+    "labels": {"kind", "weight", "path", "image_root"},
+}
+
+
+def medsynth_pair(record: dict, rng: np.random.Generator, *, sentences: int) -> dict:
+    """A MedSynth study → a pair with ``sentences`` random sentences of its report."""
+    if record["kind"] == "longitudinal":
+        raise DataError("longitudinal studies (two images) are not image-text pairs; use "
+                        "medsynth_kind cxr or ct", where=record["id"], reason="bad_config")
+    return {"id": record["id"], "image": record["image"], "modality": record["modality"],
+            "text": sample_text(record["report"], rng, sentences)}
+
+
+def build_source(name: str, spec: Mapping, split: str, sentences: int) -> PairSource:
+    """One entry of ``data.sources`` for ``split`` as a :class:`PairSource`."""
+    spec = dict(spec)
+    kind = spec.get("kind")
+    if kind not in _FIELDS:
+        raise ValueError(f"data.sources.{name}.kind must be one of {sorted(_FIELDS)} for "
+                         f"contrastive pairs, got {kind!r}")
+    unknown = set(spec) - _FIELDS[kind]
+    if unknown:
+        raise ValueError(f"data.sources.{name}: unknown field(s) {sorted(unknown)} for a {kind} "
+                         f"source; allowed: {sorted(_FIELDS[kind])}")
+    weight = float(spec.get("weight", 1.0))
+    if kind == "medsynth":
+        src = medsynth_records(spec, split)
+        return PairSource(name, src, lambda r, rng: medsynth_pair(r, rng, sentences=sentences),
+                          weight)
+    if kind == "pairs":
+        src = JsonlPairs(spec["path"], spec.get("image_root"))
+        return PairSource(name, src, lambda r, rng: {
+            **r, "text": sample_text(r["text"], rng, sentences)}, weight)
+    src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True)
+    return PairSource(name, src, lambda r, rng: {
+        **r, "text": caption_from_labels(r["labels"], rng)}, weight)
+
+
+def medsynth_records(spec: Mapping, split: str, num_studies: int | None = None, *,
+                     render: bool = True):
+    """The MedSynth source of a ``data.sources`` entry for ``split`` (``num_studies``
+    overrides the entry's count)."""
+    from medvl_jax.data import medsynth
+
+    return medsynth.MedSynthSource(medsynth.MedSynthConfig(
+        kind=spec["medsynth_kind"], split=split,
+        num_studies=int(spec["num_studies"] if num_studies is None else num_studies),
+        image_size=int(spec["render_size"]), volume_shape=tuple(spec["volume_shape"]),
+        seed=int(spec["seed"])), render=render)
+
+
+# --------------------------------------------------------------------------------------------
+# Pair → model inputs.
+# --------------------------------------------------------------------------------------------
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens int32 [N, L], input_mask bool [N, L])``: texts tokenised (special tokens as
+    the tokenizer adds them), cut to ``max_length`` on the right, padded with the pad id."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token")
+    tokens = np.full((len(texts), max_length), pad, np.int32)
+    mask = np.zeros((len(texts), max_length), bool)
+    for i, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"][:max_length]
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = True
+    return tokens, mask
+
+
+@dataclasses.dataclass
+class PairFeaturizer:
+    """One pair → ``{"images", "tokens", "input_mask"}`` of fixed shapes (no batch axis)."""
+    cfg: Any          # the data section
+    tokenizer: Any
+    train: bool
+
+    def __post_init__(self):
+        self.ops = pipeline.image_ops(self.cfg, train=self.train)
+        c = self.cfg
+        spatial = tuple(c.volume_shape) if c.volume_shape is not None else (c.image_size,) * 2
+        self.image_shape = spatial + (c.channels,)
+
+    def image(self, pair: dict, rng: np.random.Generator | None) -> np.ndarray:
+        """The preprocessed image of a pair."""
+        example = {"id": pair["id"], "images": [pair["image"]],
+                   "meta": {"modality": pair.get("modality")}}
+        (arr,) = pipeline.decode_images(example, self.cfg)
+        img = self.ops(arr, rng)
+        if img.shape != self.image_shape:
+            raise DataError(f"preprocessed image has shape {img.shape}, expected "
+                            f"{self.image_shape}", where=pair["id"], reason="image_shape")
+        return img.astype(np.float32)
+
+    def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
+        tokens, mask = tokenize(self.tokenizer, [pair["text"]], self.cfg.max_length)
+        return {"images": self.image(pair, rng), "tokens": tokens[0], "input_mask": mask[0]}
+
+
+def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
+    def call(x, rng):
+        try:
+            return fn(x, rng)
+        except DataError as e:
+            if skips is None:
+                raise
+            skips.add(e)
+            return None
+    return call
+
+
+def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
+                 skips: SkipCounter | None = None) -> grain.MapDataset:
+    """The infinite, mixed MapDataset of pairs (before sharding and featurising): each source
+    shuffled (reshuffled every epoch) and repeated with its own seed, texts sampled with the
+    element's rng. Element ``e * len(source) + j`` of a single source is epoch ``e``."""
+    parts, weights = [], []
+    guard = skips if cfg.skip_bad_examples else None
+    for i, (name, spec) in enumerate(sorted(dict(cfg.sources).items())):
+        src = build_source(name, spec, split, sentences)
+        if len(src.records) == 0:
+            raise ValueError(f"data.sources.{name} has no records")
+        ds = grain.MapDataset.source(src.records)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed + 7919 * i)
+        ds = ds.repeat().random_map(_guarded(src.to_pair, guard), seed=cfg.seed + 104729 * i + 1)
+        parts.append(ds)
+        weights.append(src.weight)
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
+def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
+                   process_index: int = 0, process_count: int = 1,
+                   skips: SkipCounter | None = None):
+    """A grain iterator (``get_state`` / ``set_state``) over this process's batches of pairs
+    (``data.batch_size / process_count`` rows each)."""
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    if cfg.skip_bad_examples and skips is None:
+        skips = SkipCounter()
+    guard = skips if cfg.skip_bad_examples else None
+    featurize = PairFeaturizer(cfg, tokenizer, train=split == "train")
+    ds = pair_dataset(cfg, split=split, sentences=sentences, skips=skips)
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(_guarded(lambda p, rng: p and featurize(p, rng), guard),
+                       seed=cfg.seed + 2)
+    ds = ds.filter(lambda x: x is not None)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                 prefetch_buffer_size=cfg.prefetch))
+    return iter(it_ds.batch(cfg.batch_size // process_count, drop_remainder=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation sets: MedSynth images, reports and finding labels.
+# --------------------------------------------------------------------------------------------
+
+def medsynth_labels(record: dict) -> dict[str, bool]:
+    """Binary findings of a MedSynth study: cxr → nodule, effusion, cardiomegaly;
+    ct → nodule."""
+    f = json.loads(record["findings"])
+    if f["kind"] == "cxr":
+        return {"nodule": f["nodule_count"] > 0, "effusion": f["effusion"] != "none",
+                "cardiomegaly": bool(f["cardiomegaly"])}
+    if f["kind"] == "ct":
+        return {"nodule": f["lesion_count"] > 0}
+    raise DataError(f"no binary labels for MedSynth kind {f['kind']!r}", where=record["id"],
+                    reason="bad_config")
+
+
+def medsynth_eval_set(cfg, spec: Mapping, split: str, num_studies: int) -> dict:
+    """The first ``num_studies`` MedSynth studies of ``split`` for evaluation:
+    ``{"images": float32 [N, ...], "reports": [str], "labels": {name: bool [N]}}`` (images
+    preprocessed as at test time)."""
+    src = medsynth_records(spec, split, num_studies)
+    feat = PairFeaturizer(cfg, None, train=False)
+    images, reports, labels = [], [], {}
+    for i in range(len(src)):
+        rec = src[i]
+        images.append(feat.image({"id": rec["id"], "image": rec["image"],
+                                  "modality": rec["modality"]}, None))
+        reports.append(rec["report"])
+        for k, v in medsynth_labels(rec).items():
+            labels.setdefault(k, []).append(v)
+    return {"images": np.stack(images), "reports": reports,
+            "labels": {k: np.asarray(v, bool) for k, v in labels.items()}}
