@@ -19,9 +19,12 @@ from medvl_jax.data import chat, medsynth, pipeline  # noqa: E402
 from medvl_jax.train import cli  # noqa: E402
 
 SMOKE = "configs/medsynth_sft.py:smoke"
-# The main config's model has LLaVA's layout (64x64 images, 8x8 patches, no token merge).
-RUN = ["--config.train.steps=3", "--config.train.checkpoint_every=3",
-       "--config.sft.eval_studies=0", "--config.train.progress=False"]
+# The main config's model merges 2x2 tokens (no Hugging Face counterpart); 16x16 patches
+# without merging and the last layer's features are LLaVA's layout.
+RUN = ["--config.model.vision.patch_size=16", "--config.model.vision.token_merge=1",
+       "--config.model.vision.feature_layer=3", "--config.train.steps=3",
+       "--config.train.checkpoint_every=3", "--config.sft.eval_studies=0",
+       "--config.train.progress=False"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,8 @@ def trained(tmp_path_factory):
 
 def _inputs(config, vocab: int, rng):
     """A batch of 2 prompts with 2 images each (placeholders first), no padding."""
-    n_img = 2 * 64
-    tokens = rng.integers(20, vocab, size=(2, 150)).astype(np.int32)
+    n_img = 2 * 16
+    tokens = rng.integers(20, vocab, size=(2, 70)).astype(np.int32)
     tokens[:, 1:1 + n_img] = config.image_token_id
     images = rng.normal(size=(2, 2, 64, 64, 1)).astype(np.float32)
     return tokens, images
@@ -111,17 +114,16 @@ def test_unexportable_layouts_name_the_reason(tokenizer_len=300):
     from medvl_jax.models import from_config
 
     base = config_lib.load_config(SMOKE).model.to_dict()
-    assert workdir.hf_family(from_config.vlm_config(base, vocab_size=tokenizer_len,
-                                                    image_token_id=4)) == \
-        "LlavaForConditionalGeneration"
-    base["vision"].update(token_merge=2)
     config = from_config.vlm_config(base, vocab_size=tokenizer_len, image_token_id=4)
     with pytest.raises(checkpoint_io.CheckpointError, match="token_merge=2 has no Hugging Face"):
         workdir.hf_family(config)
-    base["vision"].update(token_merge=1, feature_layer=-1)
+    base["vision"].update(token_merge=1)
     config = from_config.vlm_config(base, vocab_size=tokenizer_len, image_token_id=4)
-    with pytest.raises(checkpoint_io.CheckpointError, match="feature_layer=4"):
+    with pytest.raises(checkpoint_io.CheckpointError, match="feature_layer=3"):
         workdir.hf_family(config)
+    base["vision"].update(feature_layer=3)
+    assert workdir.hf_family(from_config.vlm_config(
+        base, vocab_size=tokenizer_len, image_token_id=4)) == "LlavaForConditionalGeneration"
 
 
 def test_llava_with_siglip_tower_and_last_layer_features(tmp_path):
