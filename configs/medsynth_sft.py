@@ -8,14 +8,15 @@ Command (the README's main job):
 turns per study, a 4M-parameter VLM: 3-layer ViT, 2x2 token merge, 4-layer decoder), then the
 per-question-type table on MedSynth test is printed and written to <workdir>/results.json.
 
-Measured (2 CPU cores, 2026-11-25, on a machine shared with other jobs, load 6-10, 3.5 s/step):
-train loss 0.63 at step 100, 0.55 at step 200; validation at step 200 (30 studies per source):
-closed 56.1% (chest-radiograph cardiomegaly questions 90%: the model has started to read the
-image; nodule-zone and effusion-side questions still at their base rate), counting 36%,
-size 63%. The 500-step result and an idle-machine wall time are not recorded yet; the target
-of >= 90% on closed questions is not reached by what was measured. A variant with 64 tokens
-per image, a 3-layer 128-wide decoder and lr 2e-3 stayed at chance (closed 47.2% after 500
-steps, 31.7 min under partial load).
+Measured (2 CPU cores, AMD EPYC, quiet machine, 2026-11-25): 21.7 min wall (2.4-2.7 s/step,
+test evaluation included); train loss 0.62 at step 100, 0.57 at 200, 0.50-0.52 at 350-500.
+Test table (60 studies per source, 924 questions): closed 70.3%, size 70.2%, open 43.5%,
+multiple choice 25.9%, counting 25.2%, progression 20.0%, box 10.9%. Closed by question:
+cardiomegaly 100% (single and paired studies), effusion side 67% / 56% (single / paired),
+nodule in a zone 45-47% (base rate): the model reads global findings from the pixels but does
+not localise small nodules yet. The target of >= 90% on closed questions in <= 15 minutes is
+not reached. A variant with 64 tokens per image (LLaVA layout), a 3-layer 128-wide decoder
+and lr 2e-3 stayed at chance (closed 47.2% after 500 steps).
 
 `:smoke` runs a few steps on tiny data in seconds (used by tests).
 """
