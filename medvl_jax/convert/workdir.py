@@ -74,7 +74,6 @@ def restore_params(workdir: str, step: int | None = None):
     ``lora`` entry when the run used LoRA).
     """
     import flax.linen as nn
-    import orbax.checkpoint as ocp
 
     from medvl_jax.data import pipeline
     from medvl_jax.train import checkpoint as ckpt_lib
@@ -90,11 +89,10 @@ def restore_params(workdir: str, step: int | None = None):
     task = cli.TASKS[config.task][0](config, pipeline.make_tokenizer(config.tokenizer))
     shapes = nn.unbox(jax.eval_shape(task.init, jax.random.key(0), task.dummy_batch(1)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": shapes}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    state = manager._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=restore_args, partial_restore=True))).state
-    return config, task, state["params"], step
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          shapes)
+    params = manager.restore_params(step, target)
+    return config, task, params, step
 
 
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None) -> str:

@@ -68,6 +68,17 @@ class CheckpointManager:
         return self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
 
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only ``state.params`` (shaped and placed as ``target`` says); the optimizer state
+        stays on disk (for export and evaluation)."""
+        import jax
+
+        wanted = {"params": target}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None)), wanted)
+        return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            wanted, restore_args=restore_args, partial_restore=True))).state["params"]
+
     def read_metadata(self, step: int) -> dict:
         """The metadata saved with ``step`` (config, schema version, task, model family)."""
         return self._mngr.restore(step, args=ocp.args.Composite(
