@@ -44,32 +44,45 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # JSON / JSONL conversation files.
 # --------------------------------------------------------------------------------------------
 
-def _read_json_records(path: str) -> list[tuple[str, dict]]:
-    """Reads a .json list or a .jsonl file; returns (where, record) pairs, where = file:line."""
-    if not os.path.exists(path):
+def load_json(path: str):
+    """The parsed content of a JSON file; a missing file or invalid JSON is a DataError."""
+    if not os.path.isfile(path):
         raise DataError("file not found", where=path, reason="missing")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if path.endswith(".jsonl"):
-        out = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg})", where=f"{path}:{lineno}",
-                                reason="bad_json") from None
-            out.append((f"{path}:{lineno}", rec))
-        return out
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON at line {e.lineno} ({e.msg})", where=path,
                         reason="bad_json") from None
-    if not isinstance(data, list):
-        raise DataError("expected a JSON list of records", where=path, reason="bad_json")
-    return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
+
+
+def read_json_records(path: str) -> list[tuple[str, dict]]:
+    """Reads a .json list or a .jsonl file; returns (where, record) pairs.
+
+    ``where`` is ``file[index]`` for a JSON list and ``file:line`` for JSONL, the form every
+    error about that record uses.
+    """
+    if not path.endswith(".jsonl"):
+        data = load_json(path)
+        if not isinstance(data, list):
+            raise DataError("expected a JSON list of records", where=path, reason="bad_json")
+        return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
+    if not os.path.isfile(path):
+        raise DataError("file not found", where=path, reason="missing")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON ({e.msg})", where=f"{path}:{lineno}",
+                            reason="bad_json") from None
+        out.append((f"{path}:{lineno}", rec))
+    return out
 
 
 def _as_list(x) -> list:
@@ -113,7 +126,8 @@ def _llava_example(rec: dict, where: str, images: list[str]) -> dict:
                      "modality": str(rec.get("modality", ""))}}
 
 
-def _med_r1_example(rec: dict, where: str, images: list[str]) -> dict:
+def med_r1_example(rec: dict, where: str, images: list[str]) -> dict:
+    """A Med-R1 record (``problem`` / ``solution``) → messages and meta (no id, images)."""
     problem, solution = rec["problem"], rec["solution"]
     if not isinstance(problem, str) or not isinstance(solution, str):
         raise DataError("'problem' and 'solution' must be strings", where=where,
@@ -148,7 +162,7 @@ class ConversationFile:
         self.path = path
         self.image_root = image_root if image_root is not None else os.path.dirname(path)
         self.examples = []
-        for where, rec in _read_json_records(path):
+        for where, rec in read_json_records(path):
             if not isinstance(rec, dict):
                 raise DataError("record is not a JSON object", where=where, reason="bad_record")
             try:
@@ -157,7 +171,7 @@ class ConversationFile:
                 raise DataError(str(e), where=where, reason="bad_record") from None
             images = [os.path.join(self.image_root, p) for p in _as_list(rec.get("image"))
                       + _as_list(rec.get("images"))]
-            build = _llava_example if fmt == "llava" else _med_r1_example
+            build = _llava_example if fmt == "llava" else med_r1_example
             try:
                 ex = build(rec, where, images)
             except KeyError as e:
