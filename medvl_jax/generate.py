@@ -1,13 +1,16 @@
 """Generate text from a medvl_jax checkpoint (a text decoder or a VLM).
 
     python -m medvl_jax.generate --checkpoint DIR --prompt TEXT [--image FILE ...]
-        [--max_new_tokens 64 --temperature 0 --top_k 0 --top_p 1 --seed 0]
+        [--max_new_tokens 64 --temperature 0 --top_k 0 --top_p 1 --seed 0] [--modality ct]
 
 The checkpoint is a directory written by ``medvl_jax.convert.from_hf`` (tokenizer in
 ``DIR/tokenizer``) or a training workdir (its newest checkpoint is exported once to
 ``DIR/export/step_N``, see ``medvl_jax.convert.workdir``). A model trained here is prompted
 exactly as in training: its chat template with the images' ``<image>`` placeholders in the user
 turn, its image preprocessing (a 3D tower gets the whole volume), its end-of-turn stop token.
+Files that do not say what they hold (NIfTI) are read in their stored units: ``--modality ct``
+says they are CT in Hounsfield units, windowed with the run's ``data.ct_window`` as in training
+(MedSynth CT); otherwise they are min-max scaled. A DICOM file's own modality is kept.
 For a converted model, the prompt goes through the tokenizer's chat template when it
 has one (a single user turn plus the generation prompt), else it is used as raw text. For a VLM,
 each ``--image`` (PNG/JPEG/DICOM/NIfTI slice stack, read with
@@ -81,12 +84,13 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str]
+def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str],
+                   modality: str | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
     """Prompt ids, ``mask_ar``, images and stop ids exactly as the training data pipeline made
     them (``data``: the run's data config): chat template, ``<image>`` placeholders in the user
     turn, the same image preprocessing. A volume given to a 2D model contributes its middle
-    slice."""
+    slice. ``modality`` (e.g. "ct") applies to files whose reader reports none (NIfTI)."""
     import ml_collections
 
     from medvl_jax.data import chat, pipeline
@@ -96,7 +100,7 @@ def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str]
     arrays = []
     for path in images:
         img = pipeline.read_file(path)
-        x = pipeline.to_unit_range(img.pixels, img.modality, d.ct_window)
+        x = pipeline.to_unit_range(img.pixels, img.modality or modality, d.ct_window)
         if d.volume_shape is None and x.ndim == 3 and x.shape[-1] not in (3, 4):
             x = x[x.shape[0] // 2]
         arrays.append(feat.ops(x, None))
@@ -110,9 +114,10 @@ def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str]
 
 
 def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens: int = 64,
-        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+        modality: str | None = None) -> str:
     """Loads the checkpoint (a converted directory or a training workdir), generates and
-    returns the decoded completion."""
+    returns the decoded completion. ``modality``: see :func:`trained_prompt`."""
     from medvl_jax.convert import workdir
     from medvl_jax.data.tokenizer import load_tokenizer
 
@@ -128,7 +133,7 @@ def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens:
             f"{checkpoint}: --image given but {meta['family']} is a text-only model")
     if meta.get("data_config"):  # Trained here: prompts exactly as in training.
         tokens, mask_ar, pixels, stops = trained_prompt(meta["data_config"], tokenizer, prompt,
-                                                        list(images))
+                                                        list(images), modality)
     else:
         ids = prompt_ids(tokenizer, prompt)
         pixels, mask_ar = None, None
@@ -160,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modality", default=None,
+                    help="what files without a modality (NIfTI) hold, e.g. ct (Hounsfield "
+                         "units, windowed as in training); default: min-max scaled")
     args = ap.parse_args(argv)
     try:
         text = run(args.checkpoint, args.prompt, args.image, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed)
+                   seed=args.seed, modality=args.modality)
     except (checkpoint_io.CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -143,3 +143,44 @@ def resolve(path: str) -> str:
         print(f"exporting {path} step {step} to {out}")
         export_workdir(path, out, step=step)
     return out
+
+
+# Fields of a vision tower that must agree for its weights to mean the same thing in another
+# model; the rest (token_merge, feature_layer, use_head, pos_init, dtypes) are the new model's
+# own choices.
+_TOWER_FIELDS = ("layout", "image_size", "patch_size", "num_channels", "width", "depth",
+                 "num_heads", "mlp_dim", "activation", "norm_eps", "tubelet")
+
+
+def vision_tower(directory: str, vision_config) -> dict:
+    """The vision-tower weights of ``directory`` for a model whose tower is ``vision_config``:
+    ``{"vision": {...}}`` without a pooling head the new model does not have.
+
+    ``directory`` is a training workdir (newest checkpoint; contrastive or SFT, LoRA merged) or
+    a converted checkpoint directory (a two-tower model such as SiglipModel, or a VLM). A tower
+    that differs in a field that changes its weights' meaning raises, naming the field.
+    """
+    directory = os.path.abspath(directory)
+    if is_workdir(directory):
+        _, task, params, _ = restore_params(directory)
+        if hasattr(task, "model_params"):
+            params = task.model_params(params)
+        theirs = task.model_config.vision
+    elif os.path.isfile(os.path.join(directory, checkpoint_io.META_FILE)):
+        model, params, _ = checkpoint_io.load_checkpoint(directory)
+        theirs = getattr(model.config, "vision", None)
+    else:
+        raise CheckpointError(f"vision_init={directory}: neither a training workdir (no "
+                              f"checkpoints/) nor a converted checkpoint (no "
+                              f"{checkpoint_io.META_FILE})")
+    if theirs is None or "vision" not in params:
+        raise CheckpointError(f"vision_init={directory}: the model has no vision tower")
+    for field in _TOWER_FIELDS:
+        a, b = getattr(vision_config, field), getattr(theirs, field)
+        if a != b:
+            raise ValueError(f"model.vision.{field}={a!r} but the vision tower in {directory} "
+                             f"has {b!r}")
+    tower = dict(params["vision"])
+    if not vision_config.use_head:
+        tower.pop("head", None)
+    return {"vision": tower}

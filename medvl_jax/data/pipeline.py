@@ -30,7 +30,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from medvl_jax.data import chat, preprocess, readers, sources
+from medvl_jax.data import chat, packing, preprocess, readers, sources
 from medvl_jax.data.errors import DataError, SkipCounter
 
 
@@ -47,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.template = "gemma"            # Chat template: gemma | chatml | llama3.
     c.prefix_lm = False             # mask_ar = 0 over the prompt (PaliGemma-style prefix-LM).
     c.num_image_tokens = 64         # Tokens each image expands to (set from the model).
-    c.max_images = 1                # Images per example (N); fewer are masked out.
+    c.max_images = 1                # Images per example (N); fewer are masked out. With
+                                    # packing: image slots per packed row.
+    c.pack = False                  # Pack several examples per row (medvl_jax.data.packing).
     c.image_size = 64
     c.channels = 1
     c.volume_shape = None           # (D, H, W) to feed volumes instead of 2D images.
@@ -205,36 +207,52 @@ class Featurizer:
         spatial = tuple(c.volume_shape) if c.volume_shape is not None else (c.image_size,) * 2
         return spatial + (c.channels,)
 
-    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    def unpadded(self, example: dict, rng: np.random.Generator) -> dict:
+        """The example's arrays at their own lengths: ``tokens``, ``input_mask``, ``mask_ar``,
+        ``loss_mask`` ``[n]`` and ``images`` ``[k, ...]``, ``image_mask`` ``[k]`` (k images);
+        what :mod:`medvl_jax.data.packing` packs."""
         c = self.cfg
         if len(example["images"]) > c.max_images:
             raise DataError(f"{len(example['images'])} images but data.max_images = "
                             f"{c.max_images}", where=example["id"], reason="too_many_images")
         images = [self.ops(x, rng) for x in decode_images(example, c)]
+        for img in images:
+            if img.shape != self.image_shape():
+                raise DataError(f"preprocessed image has shape {img.shape}, expected "
+                                f"{self.image_shape()}", where=example["id"],
+                                reason="image_shape")
         enc = chat.encode(self.tokenizer, example["messages"], c.template,
                           num_image_tokens=c.num_image_tokens, num_images=len(images),
                           max_length=c.max_length, truncation=c.truncation,
                           prefix_lm=c.prefix_lm, where=example["id"])
         n = len(enc.tokens)
-        pad = c.max_length - n
+        return {
+            "tokens": np.asarray(enc.tokens, np.int32),
+            "input_mask": np.ones(n, bool),
+            "mask_ar": np.asarray(enc.mask_ar, np.int32),
+            "loss_mask": np.asarray(enc.loss_mask, np.int32),
+            "images": np.asarray(images, np.float32).reshape((len(images),) + self.image_shape()),
+            "image_mask": np.ones(len(images), bool),
+        }
 
-        def padded(x, value):
-            return np.pad(np.asarray(x, np.int32), (0, pad), constant_values=value)
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        """The example padded to ``max_length`` tokens and ``max_images`` images."""
+        c = self.cfg
+        x = self.unpadded(example, rng)
+        pad, k = c.max_length - len(x["tokens"]), len(x["images"])
+
+        def padded(name, value):
+            return np.pad(x[name], (0, pad), constant_values=value)
 
         image_arr = np.zeros((c.max_images,) + self.image_shape(), np.float32)
-        for i, img in enumerate(images):
-            if img.shape != image_arr.shape[1:]:
-                raise DataError(f"preprocessed image has shape {img.shape}, expected "
-                                f"{image_arr.shape[1:]}", where=example["id"],
-                                reason="image_shape")
-            image_arr[i] = img
+        image_arr[:k] = x["images"]
         return {
-            "tokens": padded(enc.tokens, self.pad_id),
-            "input_mask": np.arange(c.max_length) < n,
-            "mask_ar": padded(enc.mask_ar, 1),
-            "loss_mask": padded(enc.loss_mask, 0),
+            "tokens": padded("tokens", self.pad_id),
+            "input_mask": padded("input_mask", False),
+            "mask_ar": padded("mask_ar", 1),
+            "loss_mask": padded("loss_mask", 0),
             "images": image_arr,
-            "image_mask": np.arange(c.max_images) < len(images),
+            "image_mask": np.arange(c.max_images) < k,
         }
 
 
@@ -298,13 +316,18 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                     prefetch_buffer_size=cfg.prefetch)
                                   ).batch(examples_per_batch, drop_remainder=True, batch_fn=list)
-    ds = ds.random_map(_guarded(lambda ex, rng: ex and featurize(ex, rng),
+    per_process = cfg.batch_size // process_count
+    to_arrays = featurize.unpadded if cfg.pack else featurize
+    ds = ds.random_map(_guarded(lambda ex, rng: ex and to_arrays(ex, rng),
                                 skips if cfg.skip_bad_examples else None),
                        seed=cfg.seed + 2)
     ds = ds.filter(lambda x: x is not None)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                  prefetch_buffer_size=cfg.prefetch))
-    return it_ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    if cfg.pack:
+        it_ds = packing.pack(it_ds, max_length=cfg.max_length, max_images=cfg.max_images,
+                             num_rows=per_process, seed=cfg.seed + 3)
+    return it_ds.batch(per_process, drop_remainder=True)
 
 
 def build_iterator(cfg, tokenizer, **kwargs):

@@ -18,6 +18,7 @@ def make_attn_mask(
     *,
     image_groups: jnp.ndarray | None = None,
     sliding_window: int | None = None,
+    segment_ids: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Builds a bool ``[B, L, L]`` attention mask.
 
@@ -30,6 +31,8 @@ def make_attn_mask(
         Gemma 3's layout where images are bidirectional inside an otherwise causal sequence.
       sliding_window: optional window ``W``: a query at index ``i`` then only sees keys at index
         ``j`` with ``i - j < W`` (indices, not positions, as in Hugging Face's sliding masks).
+      segment_ids: optional ``[B, L]`` int of packed sequences (1, 2, ... per example in the
+        row): tokens attend only within their own segment (block-diagonal).
     """
     input_mask = jnp.asarray(input_mask).astype(bool)
     cumsum = jnp.cumsum(jnp.asarray(mask_ar).astype(jnp.int32), axis=-1)
@@ -40,6 +43,9 @@ def make_attn_mask(
         mask = mask | same
     if sliding_window is not None:
         mask = mask & sliding_window_mask(mask.shape[-2], mask.shape[-1], sliding_window)[None]
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        mask = mask & (seg[:, :, None] == seg[:, None, :])
     return mask & input_mask[:, None, :] & input_mask[:, :, None]
 
 

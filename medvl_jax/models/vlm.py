@@ -130,7 +130,7 @@ class VLM(nn.Module):
         return jnp.where(is_image[..., None], gathered, x)
 
     def __call__(self, tokens, images, *, input_mask, mask_ar, positions=None, attn_mask=None,
-                 cache=None, decode=False):
+                 segment_ids=None, cache=None, decode=False):
         """Returns ``(logits, aux)`` like :class:`Decoder`.
 
         Args:
@@ -141,6 +141,9 @@ class VLM(nn.Module):
           positions: optional ``[B, L]``; default counts real tokens from ``position_offset``.
           attn_mask: optional bool ``[B, L, S]`` replacing the mask built from ``mask_ar``
             (needed with a cache, where keys are cache slots).
+          segment_ids: optional ``[B, L]`` ids of packed examples (see
+            ``medvl_jax.data.packing``): attention stays within a segment. Pass the packed
+            ``positions`` with them (each segment counts from 0).
           cache, decode: as for :class:`Decoder`.
         """
         c = self.config
@@ -150,7 +153,8 @@ class VLM(nn.Module):
             positions = jnp.maximum(positions, 0)
         if attn_mask is None:
             groups = image_groups(tokens == c.image_token_id) if c.image_bidirectional else None
-            attn_mask = make_attn_mask(input_mask, mask_ar, image_groups=groups)
+            attn_mask = make_attn_mask(input_mask, mask_ar, image_groups=groups,
+                                       segment_ids=segment_ids)
         x = self.embed(tokens, images)
         return self.decoder(embeddings=x, positions=positions, attn_mask=attn_mask, cache=cache,
                             decode=decode)

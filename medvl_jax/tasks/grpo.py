@@ -154,7 +154,7 @@ class GRPOTask(dpo.DPOTask):
 
         g = self.config.grpo
         gs, t = int(g.group_size), int(g.max_new_tokens)
-        prompts = self.policy._prompt_batch(examples)  # LEFT-padded to data.max_length.
+        prompts = self.policy.prompt_batch(examples)  # LEFT-padded to data.max_length.
         rep = {k: np.repeat(v, gs, axis=0) for k, v in prompts.items()}
         model_params = self.model_params(params)
         out = sampler.generate(self.model_config, model_params, rep["tokens"],

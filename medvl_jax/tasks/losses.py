@@ -15,13 +15,15 @@ def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
 
 
 def next_token_loss(logits: jnp.ndarray, tokens: jnp.ndarray, loss_mask: jnp.ndarray, *,
-                    normalise: str = "token") -> tuple[jnp.ndarray, dict]:
+                    normalise: str = "token", segment_ids: jnp.ndarray | None = None
+                    ) -> tuple[jnp.ndarray, dict]:
     """Cross-entropy of the tokens where ``loss_mask`` is 1.
 
     ``loss_mask[b, t] = 1`` means token ``t`` is predicted from the tokens before it.
     ``normalise``: "token" averages over all trained tokens of the batch (long answers weigh
     more); "example" averages within each example first, then over the examples that have any
-    trained token (every example weighs the same).
+    trained token (every example weighs the same). In packed rows (``segment_ids`` ``[B, L]``,
+    see medvl_jax.data.packing) an example is a segment, not a row.
 
     Returns ``(loss, {"nll_sum", "num_tokens", "accuracy"})``; accuracy is the fraction of
     trained tokens that are the argmax prediction.
@@ -32,8 +34,16 @@ def next_token_loss(logits: jnp.ndarray, tokens: jnp.ndarray, loss_mask: jnp.nda
     if normalise == "token":
         loss = nll.sum() / jnp.maximum(n_tok, 1.0)
     elif normalise == "example":
-        per_ex_tokens = mask.sum(axis=1)
-        per_ex = nll.sum(axis=1) / jnp.maximum(per_ex_tokens, 1.0)
+        if segment_ids is None:
+            per_ex_tokens, per_ex_nll = mask.sum(axis=1), nll.sum(axis=1)
+        else:  # One bucket per (row, segment); the predicted token's segment counts.
+            b, l1 = mask.shape
+            stride = l1 + 2  # Segment ids run from 0 (padding) to at most L = l1 + 1.
+            ids = (jnp.arange(b)[:, None] * stride + segment_ids[:, 1:]).reshape(-1)
+            n = b * stride
+            per_ex_tokens = jax.ops.segment_sum(mask.reshape(-1), ids, n)
+            per_ex_nll = jax.ops.segment_sum(nll.reshape(-1), ids, n)
+        per_ex = per_ex_nll / jnp.maximum(per_ex_tokens, 1.0)
         has = (per_ex_tokens > 0).astype(jnp.float32)
         loss = (per_ex * has).sum() / jnp.maximum(has.sum(), 1.0)
     else:

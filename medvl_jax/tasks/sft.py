@@ -24,6 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
                            # 0 = no evaluation.
     c.eval_batch_size = 64
     c.eval_max_new_tokens = 16
+    # A vision tower to start from: a training workdir (e.g. a contrastive run) or a converted
+    # checkpoint; the rest of the model is initialised fresh. Empty: from scratch.
+    c.vision_init = ""
     return c
 
 
@@ -64,7 +67,10 @@ class SFTTask:
                 "mask_ar": np.ones((batch_size, d.max_length), np.int32),
                 "loss_mask": np.ones((batch_size, d.max_length), np.int32),
                 "images": np.zeros((batch_size, n) + spatial + (d.channels,), np.float32),
-                "image_mask": np.ones((batch_size, n), bool)}
+                "image_mask": np.ones((batch_size, n), bool),
+                **({"segment_ids": np.ones((batch_size, d.max_length), np.int32),
+                    "positions": np.zeros((batch_size, d.max_length), np.int32)}
+                   if d.get("pack") else {})}
 
     def init(self, rng, batch):
         """Parameters (with logical-axis metadata) for a batch of this shape; with LoRA on,
@@ -88,8 +94,13 @@ class SFTTask:
         if lora_lib.enabled(self.lora_config):
             params = lora_lib.merge(params, self.lora_config, rng=rng,
                                     deterministic=rng is None)
+        packed = {}
+        if "segment_ids" in batch:  # Packed rows (medvl_jax.data.packing).
+            packed = dict(segment_ids=batch["segment_ids"],
+                          positions=batch["positions"] + self.model_config.position_offset)
         logits, _ = self.model.apply({"params": params}, batch["tokens"], batch["images"],
-                                     input_mask=batch["input_mask"], mask_ar=batch["mask_ar"])
+                                     input_mask=batch["input_mask"], mask_ar=batch["mask_ar"],
+                                     **packed)
         return logits
 
     def loss(self, params, batch, rng):
@@ -97,7 +108,8 @@ class SFTTask:
         logits = self.apply(params, batch, rng)
         mask = batch["loss_mask"] * batch["input_mask"]
         return losses.next_token_loss(logits, batch["tokens"], mask,
-                                      normalise=self.config.sft.normalise)
+                                      normalise=self.config.sft.normalise,
+                                      segment_ids=batch.get("segment_ids"))
 
     # ----------------------------------------------------------------------------------------
     # Evaluation: answer MedSynth questions by greedy decoding, score per question type.
@@ -123,7 +135,7 @@ class SFTTask:
                         out.append(ex)
         return out
 
-    def _prompt_batch(self, examples: list[dict]) -> dict:
+    def prompt_batch(self, examples: list[dict]) -> dict:
         """LEFT-padded prompts (no answer) to ``data.max_length`` tokens, with ``input_mask``,
         ``mask_ar`` and the preprocessed images: the layout ``sampling.sampler.generate``
         wants, with one fixed shape so its decode compiles once."""
@@ -149,22 +161,44 @@ class SFTTask:
                 batch["images"][i, :len(images)] = images
         return batch
 
-    def _greedy(self, params, batch: dict, stop_id: int) -> list[list[int]]:
-        """Greedy answers (stop token removed) of a :meth:`_prompt_batch` batch, decoded with
-        the KV-cache sampler. ``params`` are plain model params (see :meth:`model_params`).
-        The sampler's jit is keyed on static shapes and the model config only, so repeated
-        evaluations (every ``train.eval_every`` steps) reuse one compilation."""
+    def greedy(self, params, batch: dict, stop_id: int,
+               max_new_tokens: int | None = None) -> list[list[int]]:
+        """Greedy answers (stop token removed) of a :meth:`prompt_batch` batch, decoded with
+        the KV-cache sampler, up to ``max_new_tokens`` (default ``sft.eval_max_new_tokens``).
+        ``params`` are plain model params (see :meth:`model_params`). The sampler's jit is
+        keyed on static shapes and the model config only, so repeated evaluations (every
+        ``train.eval_every`` steps) reuse one compilation."""
         from medvl_jax.sampling import sampler
 
+        if max_new_tokens is None:
+            max_new_tokens = int(self.config.sft.eval_max_new_tokens)
         out = sampler.generate(self.model_config, params, batch["tokens"], batch["input_mask"],
                                images=batch["images"], mask_ar=batch["mask_ar"],
-                               max_new_tokens=int(self.config.sft.eval_max_new_tokens),
+                               max_new_tokens=int(max_new_tokens),
                                temperature=0.0, stop_tokens=[stop_id],
                                pad_id=self.tokenizer.pad_token_id)
         answers = []
         for row, n, done in zip(out.tokens, out.lengths, out.done):
             answers.append(row[:n - 1 if done else n].tolist())
         return answers
+
+    def generate_texts(self, params, examples: list[dict], *, batch_size: int | None = None,
+                       max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers (decoded text, stripped) to the final question of each of
+        ``examples``, in one batch padded to ``batch_size`` rows (default: as many as there
+        are examples) by repeating the last example, so that every batch of a run has one
+        shape and the decode compiles once. ``params``: plain model params."""
+        from medvl_jax.data import chat
+
+        if not examples:
+            return []
+        pad = max(0, int(batch_size or len(examples)) - len(examples))
+        stop = self.tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
+            self.config.data.template))
+        answers = self.greedy(params, self.prompt_batch(examples + [examples[-1]] * pad), stop,
+                              max_new_tokens)
+        return [self.tokenizer.decode(gen, skip_special_tokens=True).strip()
+                for gen in answers[:len(examples)]]
 
     def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
         """Per-question-type scores on MedSynth ``split`` (see medvl_jax.evaluate.scoring).
@@ -174,14 +208,11 @@ class SFTTask:
         template's end-of-turn token; batches of ``sft.eval_batch_size`` (the last one padded,
         so one compilation serves all). ``progress(done, total)`` is called after each batch.
         """
-        from medvl_jax.data import chat
         from medvl_jax.evaluate import scoring
 
         examples = self.eval_examples(split)
         if not examples:
             return {}
-        stop = self.tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
-            self.config.data.template))
         params = self.model_params(params)
         bs = int(self.config.sft.eval_batch_size)
         per_type: dict[str, list[float]] = {}
@@ -189,10 +220,8 @@ class SFTTask:
         num_batches = -(-len(examples) // bs)
         for k, start in enumerate(range(0, len(examples), bs)):
             chunk = examples[start:start + bs]
-            pad = bs - len(chunk)  # Pad the last chunk so the decode compiles once.
-            answers = self._greedy(params, self._prompt_batch(chunk + [chunk[-1]] * pad), stop)
-            for ex, gen in zip(chunk, answers):
-                text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
+            # The last chunk is padded so that the decode compiles once.
+            for ex, text in zip(chunk, self.generate_texts(params, chunk, batch_size=bs)):
                 qtype = ex["meta"]["question_type"]
                 s = scoring.score(qtype, text, ex["meta"]["answer"])
                 per_type.setdefault(qtype, []).append(s)

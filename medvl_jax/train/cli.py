@@ -43,6 +43,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             loop.validate_config(config[name], ref, prefix=name + ".")
     if "lora" in config:
         lora.check_config(config.lora)
+    if "data" in config and config.data.get("pack") and config.task != "sft":
+        raise ValueError(f"data.pack=True packs SFT examples; the {config.task!r} task builds "
+                         f"its own batches and cannot pack")
 
 
 def print_table(results: dict) -> None:
@@ -75,24 +78,37 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and results go here")
     args = p.parse_args(rest)
+    # Before anything can touch a JAX backend (a config file may): a multi-process job (TPU
+    # pod, SLURM step, launch/local.py) joins its peers here; a single process does nothing.
+    from medvl_jax.parallel.mesh import maybe_initialize_distributed
+    maybe_initialize_distributed()
     config = config_lib.load_config(args.config, overrides)
     validate(config)
     # init_from: model/tokenizer from the checkpoint (a VLM, or a two-tower model).
     starts = contrastive if config.task == "contrastive" else pretrained
     config = starts.resolve_config(config)
-    from medvl_jax.parallel.mesh import maybe_initialize_distributed
-    maybe_initialize_distributed()
     tokenizer = pipeline.make_tokenizer(config.tokenizer)
     init_from = config.get("init_from") or ""
     if init_from and starts is pretrained:
         pretrained.check_tokenizer(tokenizer, pretrained.checkpoint_config(init_from), init_from)
     task_cls = TASKS[config.task][0]
     task = task_cls(config, tokenizer)
-    weights = None
-    if init_from and not _has_checkpoint(args.workdir):  # A resumed run has its own weights.
-        weights = starts.load_params(init_from, task)
-        print(f"starting from {init_from}")
-    results = loop.train(config, args.workdir, task, pretrained=weights)
+    weights, fresh = None, None
+    vision_init = config.get("sft", {}).get("vision_init") or ""
+    if vision_init and init_from:
+        raise ValueError("set either init_from (a whole VLM) or sft.vision_init (its vision "
+                         "tower), not both")
+    if not _has_checkpoint(args.workdir):  # A resumed run has its own weights.
+        if init_from:
+            weights = starts.load_params(init_from, task)
+            print(f"starting from {init_from}")
+        elif vision_init:
+            from medvl_jax.convert import workdir as workdir_lib
+
+            weights = workdir_lib.vision_tower(vision_init, task.model_config.vision)
+            fresh = "^(?!vision/)"  # Everything but the tower starts from its random init.
+            print(f"vision tower from {vision_init}")
+    results = loop.train(config, args.workdir, task, pretrained=weights, fresh=fresh)
     print_table(results)
     if hasattr(task, "report"):  # A task's own results table (contrastive).
         task.report(results, args.workdir)

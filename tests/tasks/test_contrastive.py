@@ -258,3 +258,30 @@ def test_finetune_from_a_converted_siglip_checkpoint(tmp_path):
     first = json_lib.loads(open(f"{wd}/metrics.jsonl").readline())
     np.testing.assert_allclose(first["logit_scale"], np.exp(1.5), rtol=1e-6)
     np.testing.assert_allclose(first["logit_bias"], -3.0, rtol=1e-6)
+
+
+def test_contrastive_tower_initialises_the_sft_encoder(tmp_path):
+    """sft.vision_init: the VLM's vision params start as the contrastive run's tower (checked
+    with the tower frozen for a step), the rest fresh; a tower of another shape is refused."""
+    from medvl_jax.convert import workdir as workdir_lib
+
+    tower = str(tmp_path / "tower")
+    assert cli.main(["--config", SMOKE, "--workdir", tower, "--config.train.steps=2",
+                     "--config.train.checkpoint_every=2", "--config.contrastive.eval_studies=0",
+                     "--config.train.progress=False"]) == 0
+    sft_args = ["--config", "configs/medsynth_sft.py:smoke", "--config.train.steps=1",
+                "--config.train.checkpoint_every=1", "--config.sft.eval_studies=0",
+                f"--config.sft.vision_init={tower}", "--config.train.progress=False"]
+    sft_wd = str(tmp_path / "sft")
+    # The SFT smoke model's tower is one layer deeper than the contrastive smoke tower.
+    with pytest.raises(ValueError, match=r"model\.vision\.depth=3 .* has 2"):
+        cli.main(sft_args + ["--workdir", sft_wd])
+    assert cli.main(sft_args + ["--workdir", sft_wd, "--config.model.vision.depth=2",
+                                "--config.optim.freeze=^vision/"]) == 0
+    _, _, want, _ = workdir_lib.restore_params(tower)
+    _, _, got, _ = workdir_lib.restore_params(sft_wd)
+    want, got = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in
+                 (want["vision"], got["vision"]))
+    assert set(got) == set(want)  # The contrastive tower has no head here.
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
