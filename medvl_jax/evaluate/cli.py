@@ -1,20 +1,37 @@
-"""Command line of evaluation: a config's task evaluated on a trained or converted checkpoint.
+"""Command line of evaluation: named, versioned protocols on a benchmark, with sanity baselines.
 
-    python -m medvl_jax.evaluate --config configs/X.py[:arg] --checkpoint DIR \
-        [--split test] [--out DIR] [--config.k=v ...]
+    python -m medvl_jax.evaluate --checkpoint DIR [--config configs/X.py[:arg]] \
+        [--benchmark medsynth] [--protocol NAME[,NAME...]] [--baselines no_image,blur,noise]
+        [--data_dir DIR] [--split test] [--limit N] [--out DIR] [--config.k=v ...]
 
 ``DIR`` is either
 
 * a training workdir: its newest checkpoint under ``DIR/checkpoints`` is restored onto the
-  task's abstract train state (the sharded layout the training loop uses). A config whose
-  ``model`` section is empty (the fine-tune configs) takes the model, tokenizer and image
-  fields from the config saved with that checkpoint; or
+  task's abstract train state (the sharded layout the training loop uses). Without
+  ``--config`` the config saved with that checkpoint is used; a config whose ``model``
+  section is empty (the fine-tune configs) takes the model, tokenizer and image fields from
+  the saved one; or
 * a converted checkpoint directory (``python -m medvl_jax.convert.from_hf``): used as the
-  config's ``init_from`` (see medvl_jax.tasks.pretrained), its params evaluated as they are.
+  config's ``init_from`` (see medvl_jax.tasks.pretrained), its params evaluated as they are
+  (``--config`` is then required).
 
-The task's ``evaluate(params, split)`` runs (greedy, deterministic), the per-question-type
-table is printed, and ``<out>/eval_<split>.json`` (the summary) and
-``<out>/predictions_<split>.jsonl`` (one answer per line) are written; ``out`` defaults to DIR.
+Generative tasks (sft, dpo, grpo) are evaluated by :mod:`medvl_jax.evaluate.harness`:
+``--benchmark`` is ``medsynth`` (every question of the config's MedSynth sources),
+``medsynth_report`` or a name of :mod:`medvl_jax.data.benchmarks`; ``--protocol`` is one or
+more names of :data:`medvl_jax.evaluate.protocols.PROTOCOLS` (default: ``medsynth`` on
+MedSynth benchmarks, ``exact`` elsewhere); ``--baselines`` are sanity conditions of
+:mod:`medvl_jax.evaluate.baselines` (``off`` for none). Greedy decoding, deterministic. A
+per-question-type table per protocol (real score beside each baseline) is printed, and
+``<out>`` (default ``DIR``) receives
+
+    eval_<benchmark>_<split>.json                             summary, stamped with each
+                                                              protocol's name and version
+    predictions_<benchmark>_<split>_<protocol>_<condition>.jsonl   one row per example
+    scores_<benchmark>_<split>.png                            bar chart: scores vs baselines
+
+A contrastive checkpoint gets the task's own zero-shot classification and retrieval
+evaluation (``medvl_jax.evaluate.retrieval``: ROC AUC, accuracy, Recall@K), stamped as
+protocol ``contrastive_zero_shot`` version 1.
 """
 from __future__ import annotations
 
@@ -28,6 +45,9 @@ import ml_collections
 from medvl_jax import config as config_lib
 from medvl_jax.convert import checkpoint_io
 from medvl_jax.data import pipeline
+from medvl_jax.evaluate import baselines as baselines_lib
+from medvl_jax.evaluate import harness
+from medvl_jax.evaluate import protocols as protocols_lib
 from medvl_jax.tasks import pretrained
 from medvl_jax.train import cli as train_cli
 
@@ -138,35 +158,111 @@ def _progress(split: str):
     return show, bar.close
 
 
-def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = "test",
-             out: str | None = None) -> dict:
-    """Evaluates ``directory`` (see :func:`load`), writes the summary and predictions files
-    into ``out`` (default: ``directory``) and returns the results (predictions included)."""
-    config, task, params, step = load(config, directory)
-    if not hasattr(task, "evaluate"):
-        raise ValueError(f"task {config.task!r} has no evaluate()")
-    show, close = _progress(split)
-    try:
-        import inspect
+# The stamp of a contrastive checkpoint's evaluation (the task's zero-shot classification,
+# retrieval and linear probe).
+CONTRASTIVE_PROTOCOL = {"protocol": "contrastive_zero_shot", "version": "1"}
 
-        kwargs = ({"progress": show} if "progress" in inspect.signature(task.evaluate).parameters
-                  else {})
-        results = task.evaluate(params, split=split, **kwargs)
+
+def config_from_checkpoint(directory: str, overrides=()) -> ml_collections.ConfigDict:
+    """The config saved with the newest checkpoint of training workdir ``directory``, with
+    ``overrides`` (``(dotted key, value)`` pairs) applied; locked."""
+    from medvl_jax.train import checkpoint as ckpt_lib
+
+    ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
+    step = None
+    if os.path.isdir(ckpt_dir):
+        manager = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"--checkpoint {directory}: no training checkpoint under {ckpt_dir} to take the "
+            f"config from; pass --config (required for a converted checkpoint)")
+    saved = _saved_config(manager, step)
+    if not saved:
+        raise ValueError(f"--checkpoint {directory} (step {step}) holds no saved config; "
+                         f"pass --config")
+    config = ml_collections.ConfigDict(saved)
+    for key, value in overrides:
+        config_lib.apply_override(config, key, value)
+    config.lock()
+    return config
+
+
+def _files(benchmark: str, split: str) -> tuple[str, str, str]:
+    stem = f"{benchmark}_{split}"
+    return f"eval_{stem}.json", f"predictions_{stem}_{{protocol}}_{{condition}}.jsonl", \
+        f"scores_{stem}.png"
+
+
+def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = "test",
+             out: str | None = None, benchmark: str = "medsynth",
+             protocols: str | list | None = None,
+             baselines: str | list = ",".join(baselines_lib.DEFAULT),
+             data_dir: str | None = None, limit: int | None = None) -> dict:
+    """Evaluates ``directory`` (see :func:`load`) on ``benchmark`` under ``protocols``
+    (names, comma-separated or a list; default by benchmark) and ``baselines``, writes the
+    summary, prediction and chart files into ``out`` (default: ``directory``) and returns
+    the results (predictions included, ``"files"`` naming what was written)."""
+    # Names are checked before the checkpoint is loaded.
+    named = protocols is not None
+    plist = protocols_lib.parse_list(protocols if named else
+                                     protocols_lib.default_for(benchmark))
+    blist = (baselines_lib.parse_list(baselines) if isinstance(baselines, str)
+             else baselines_lib.parse_list(",".join(baselines) or "off"))
+    harness.check_benchmark(benchmark)
+    config, task, params, step = load(config, directory)
+    out = os.path.abspath(out or directory)
+    summary_name, rows_name, chart_name = _files(benchmark, split)
+    try:
+        harness.generative_policy(task)
+    except ValueError:
+        if not hasattr(task, "evaluate") or named or benchmark != "medsynth":
+            raise
+        return _evaluate_embeddings(task, params, split, out, summary_name,
+                                    checkpoint=directory, step=step)
+    examples = harness.load_examples(benchmark, task, split, data_dir, limit)
+    if not examples:
+        raise ValueError(f"nothing to evaluate on {benchmark!r} {split!r}: the config has no "
+                         f"MedSynth source or sft.eval_studies=0"
+                         if benchmark.startswith("medsynth") else
+                         f"benchmark {benchmark!r} has no {split!r} examples")
+    show, close = _progress(f"{benchmark} {split}")
+    try:
+        results = harness.evaluate(task, params, examples, plist, baselines=blist,
+                                   progress=show, benchmark=benchmark, split=split)
     finally:
         close()
+    os.makedirs(out, exist_ok=True)
+    files = {"summary": summary_name, "chart": chart_name, "predictions": {}}
+    for name, per_cond in results["predictions"].items():
+        files["predictions"][name] = {}
+        for cond, rows in per_cond.items():
+            fname = rows_name.format(protocol=name, condition=cond)
+            files["predictions"][name][cond] = fname
+            with open(os.path.join(out, fname), "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+    harness.plot(results, os.path.join(out, chart_name))
+    summary = {k: v for k, v in results.items() if k != "predictions"}
+    summary.update(checkpoint=os.path.abspath(directory), step=step, files=files)
+    with open(os.path.join(out, summary_name), "w") as f:
+        json.dump(summary, f, indent=1)
+    return {**results, "checkpoint": summary["checkpoint"], "step": step, "files": files,
+            "out": out}
+
+
+def _evaluate_embeddings(task, params, split, out, summary_name, *, checkpoint, step) -> dict:
+    """A contrastive checkpoint: the task's own evaluation, stamped and written."""
+    results = task.evaluate(params, split)
     if not results:
         raise ValueError(f"nothing to evaluate on {split!r}: the config has no MedSynth source "
-                         f"or sft.eval_studies=0")
-    out = os.path.abspath(out or directory)
+                         f"or its eval_studies=0")
+    results = {**CONTRASTIVE_PROTOCOL, **results, "checkpoint": os.path.abspath(checkpoint),
+               "step": step}
     os.makedirs(out, exist_ok=True)
-    summary = {k: v for k, v in results.items() if k != "predictions"}
-    summary.update(checkpoint=os.path.abspath(directory), step=step)
-    with open(os.path.join(out, f"eval_{split}.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, f"predictions_{split}.jsonl"), "w") as f:
-        for row in results["predictions"]:
-            f.write(json.dumps(row) + "\n")
-    return results
+    with open(os.path.join(out, summary_name), "w") as f:
+        json.dump(results, f, indent=1)
+    return {**results, "files": {"summary": summary_name}, "out": out, "contrastive": True}
 
 
 def main(argv=None) -> int:
@@ -174,22 +270,49 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides, rest = config_lib.parse_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m medvl_jax.evaluate",
-                                description="Evaluate a trained or converted checkpoint.")
-    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+                                description="Evaluate a trained or converted checkpoint under "
+                                            "named, versioned protocols.")
     p.add_argument("--checkpoint", required=True,
                    help="a training workdir or a converted checkpoint directory")
+    p.add_argument("--config", default=None,
+                   help="configs/<name>.py[:arg] (default: the config saved in the workdir)")
+    p.add_argument("--benchmark", default="medsynth",
+                   help=f"benchmark name (built in: {', '.join(harness.BUILTIN_BENCHMARKS)}; "
+                        f"others from medvl_jax.data.benchmarks)")
+    p.add_argument("--protocol", default=None,
+                   help=f"protocol name(s), comma-separated, of "
+                        f"{', '.join(protocols_lib.PROTOCOLS)} (default: medsynth on MedSynth "
+                        f"benchmarks, exact elsewhere)")
+    p.add_argument("--baselines", default=",".join(baselines_lib.DEFAULT),
+                   help=f"sanity baselines, comma-separated, of "
+                        f"{', '.join(baselines_lib.BASELINES)}, or 'off' (default: %(default)s)")
+    p.add_argument("--data_dir", default=None, help="where benchmark data lives")
     p.add_argument("--split", default="test", help="data split (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--out", default=None, help="output directory (default: --checkpoint)")
     args = p.parse_args(rest)
-    config = config_lib.load_config(args.config, overrides)
-    train_cli.validate(config)
     try:
-        results = evaluate(config, args.checkpoint, split=args.split, out=args.out)
+        if args.config:
+            config = config_lib.load_config(args.config, overrides)
+        else:
+            config = config_from_checkpoint(args.checkpoint, overrides)
+        train_cli.validate(config)
+        results = evaluate(config, args.checkpoint, split=args.split, out=args.out,
+                           benchmark=args.benchmark, protocols=args.protocol,
+                           baselines=args.baselines, data_dir=args.data_dir, limit=args.limit)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    train_cli.print_table(results)
-    out = os.path.abspath(args.out or args.checkpoint)
-    print(f"results written to {os.path.join(out, f'eval_{args.split}.json')} and "
-          f"predictions_{args.split}.jsonl")
+    out = results["out"]
+    if results.get("contrastive"):
+        print(json.dumps({k: v for k, v in results.items()
+                          if k not in ("files", "out", "contrastive")}, indent=1))
+        print(f"results written to {os.path.join(out, results['files']['summary'])}")
+        return 0
+    print(harness.format_tables(results))
+    files = results["files"]
+    print(f"\nresults written to {os.path.join(out, files['summary'])}, "
+          f"{os.path.join(out, files['chart'])} and "
+          f"{sum(len(v) for v in files['predictions'].values())} prediction files "
+          f"(predictions_{args.benchmark}_{args.split}_<protocol>_<condition>.jsonl)")
     return 0

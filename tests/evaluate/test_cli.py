@@ -2,10 +2,12 @@
 
 One MedSynth smoke run (a few steps, 1-layer towers) is trained in-process; its evaluation is
 checked against a full-forward greedy reference written here (no cache), its scores against
-``scoring.score``, and the evaluation CLI against the task's ``evaluate`` on the same params.
+``scoring.score``, and the evaluation CLI (two protocols with the sanity baselines) against the
+task's ``evaluate`` on the same params.
 """
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,25 +115,98 @@ def test_sampler_evaluation_equals_full_forward_greedy(restored):
     assert results["num_questions"] == len(examples)
 
 
-def test_evaluate_cli_writes_what_evaluate_returns(run, restored, tmp_path, capsys):
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _strict_closed(prediction: str, reference: str) -> float:
+    """LLaVA-Med's closed rule made strict, for MedSynth's plain answers: exactly one of the
+    whole words yes/no, equal to the reference."""
+    words = re.findall(r"[a-z0-9]+", prediction.lower())
+    return float((("yes" in words) != ("no" in words)) and reference in words)
+
+
+def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, capsys):
     wd, _ = run
     task, params = restored
     expected = task.evaluate(params, "test")
     capsys.readouterr()
     out = str(tmp_path / "out")
-    assert eval_cli.main(["--config", SMOKE, "--checkpoint", wd, "--out", out] + COMMON) == 0
+    assert eval_cli.main(["--config", SMOKE, "--checkpoint", wd, "--out", out,
+                          "--protocol", "medsynth,llava_med_strict"] + COMMON) == 0
     printed = capsys.readouterr().out
-    summary = json.load(open(os.path.join(out, "eval_test.json")))
-    assert summary.pop("step") == 4 and summary.pop("checkpoint") == os.path.abspath(wd)
-    assert summary == {k: v for k, v in expected.items() if k != "predictions"}
-    rows = [json.loads(line) for line in open(os.path.join(out, "predictions_test.jsonl"))]
-    assert rows == expected["predictions"]
-    train_cli.print_table(expected)
-    table = capsys.readouterr().out
-    assert table.strip() and table in printed
+    n = expected["num_questions"]
+    for name in ("medsynth", "llava_med_strict"):
+        assert f"medsynth test, {n} questions; protocol {name} (version 1)" in printed
+    header = [line for line in printed.splitlines() if line.startswith("question type")]
+    assert len(header) == 2 and header[0].split()[2:] == ["n", "real", "no_image", "blur", "noise"]
+
+    summary = json.load(open(os.path.join(out, "eval_medsynth_test.json")))
+    assert summary["step"] == 4 and summary["checkpoint"] == os.path.abspath(wd)
+    assert summary["conditions"] == ["real", "no_image", "blur", "noise"]
+    med = summary["protocols"]["medsynth"]
+    assert (med["protocol"], med["version"]) == ("medsynth", "1")
+    # The default MedSynth protocol on the real images is the task's own evaluation.
+    assert med["conditions"]["real"]["per_type"] == expected["per_type"]
+    assert med["conditions"]["real"]["overall"] == expected["overall"]
+    files = summary["files"]["predictions"]
+    rows = _rows(os.path.join(out, files["medsynth"]["real"]))
+    assert [{k: r[k] for k in ("id", "type", "prediction", "answer", "score")}
+            for r in rows] == expected["predictions"]
+    assert all(r["protocol"] == "medsynth" and r["version"] == "1" for r in rows)
+    # One generation serves both protocols; the strict rule scores it.
+    strict = _rows(os.path.join(out, "predictions_medsynth_test_llava_med_strict_real.jsonl"))
+    assert [r["prediction"] for r in strict] == [r["prediction"] for r in rows]
+    closed = [r for r in strict if r["type"] == "closed"]
+    assert closed and all(r["score"] == _strict_closed(r["prediction"], r["answer"])
+                          for r in closed)
+    for name in ("medsynth", "llava_med_strict"):
+        for cond in ("no_image", "blur", "noise"):
+            base = _rows(os.path.join(out, files[name][cond]))
+            assert [r["id"] for r in base] == [r["id"] for r in rows]
+            assert {r["condition"] for r in base} == {cond}
+            table = summary["protocols"][name]["conditions"][cond]
+            assert table["overall"] == pytest.approx(np.mean([r["score"] for r in base]))
+    with open(os.path.join(out, "scores_medsynth_test.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_cli_without_config_uses_the_saved_one(run, restored, tmp_path, capsys):
+    wd, _ = run
+    task, params = restored
+    expected = task.evaluate(params, "test")["predictions"][:4]
+    overrides, _ = config_lib.parse_overrides(TRAIN)
+    saved = eval_cli.config_from_checkpoint(wd)
+    given = config_lib.load_config(SMOKE, overrides)
+    assert json.loads(json.dumps(saved.to_dict())) == json.loads(json.dumps(given.to_dict()))
+    out = str(tmp_path / "out")
+    assert eval_cli.main(["--checkpoint", wd, "--out", out, "--protocol", "exact", "--limit",
+                          "4", "--baselines", "off"] + COMMON) == 0
+    assert "protocol exact (version 1)" in capsys.readouterr().out
+    rows = _rows(os.path.join(out, "predictions_medsynth_test_exact_real.jsonl"))
+    assert [r["prediction"] for r in rows] == [p["prediction"] for p in expected]
+    assert [r["score"] for r in rows] == [
+        float(scoring.normalise(p["prediction"]) == scoring.normalise(p["answer"]))
+        for p in expected]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--protocol", "llava"], "unknown protocol 'llava'; known protocols: exact, llava_med, "
+                              "llava_med_strict, medevalkit, medsynth, token_f1"),
+    (["--benchmark", "nope"], "unknown benchmark 'nope'; known benchmarks: medsynth, "
+                              "medsynth_report"),
+    (["--baselines", "none"], "unknown baseline(s) ['none']"),
+])
+def test_evaluate_cli_names_unknown_names(tmp_path, capsys, flags, message):
+    assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + flags) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_evaluate_cli_wrong_checkpoint_dir(tmp_path, capsys):
     assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + COMMON) == 1
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "neither a training workdir" in err
+    assert eval_cli.main(["--checkpoint", str(tmp_path)]) == 1   # no config to take either
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "pass --config" in err

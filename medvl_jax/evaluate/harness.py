@@ -1,0 +1,297 @@
+"""Running evaluation protocols over a benchmark with a generative task (SFT, DPO, GRPO).
+
+    examples = harness.load_examples("medsynth", task, "test")
+    results = harness.evaluate(task, params, examples, protocols.parse_list("exact,llava_med"),
+                               baselines=("no_image", "blur", "noise"))
+    print(harness.format_tables(results))
+
+For each condition (``real``, then each sanity baseline of :mod:`baselines`) and each
+protocol, every example is prompted as the protocol says, answered by batched greedy
+generation with the task's KV-cache sampler, parsed and scored. Generations are shared: the
+answer to one prompt under one condition and token budget is generated once, so protocols
+that add no instruction (exact, medsynth, llava_med, llava_med_strict, token_f1) cost one
+generation between them. Batches have the task's ``sft.eval_batch_size`` rows (the last one
+padded), so each token budget compiles the decode once. Everything is deterministic.
+
+Results: per protocol (stamped with its name and version) and condition, a per-question-type
+table, the overall mean, corpus report metrics for report questions, and one prediction row
+per example.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from medvl_jax.evaluate import baselines as baselines_lib
+from medvl_jax.evaluate import protocols as protocols_lib
+from medvl_jax.evaluate import report_metrics
+
+# Benchmarks built from the config's MedSynth sources (the other names come from
+# medvl_jax.data.benchmarks).
+BUILTIN_BENCHMARKS = {
+    "medsynth": "every MedSynth question of the config's MedSynth sources "
+                "(sft.eval_studies studies per source)",
+    "medsynth_report": "report generation on the same studies ('Write the radiology report.')",
+}
+REPORT_PROMPT = "Write the radiology report."
+
+
+def generative_policy(task):
+    """The SFT-style task that generates answers for ``task`` (itself, or its ``policy``)."""
+    policy = getattr(task, "policy", task)
+    if not hasattr(policy, "generate_texts"):
+        raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} does not "
+                         f"generate text: protocols apply to sft, dpo and grpo checkpoints")
+    return policy
+
+
+def _medsynth_specs(config):
+    for name, spec in sorted(dict(config.data.sources).items()):
+        if spec["kind"] == "medsynth":
+            yield name, spec
+
+
+def medsynth_report_examples(config, split: str) -> list[dict]:
+    """One report-generation example per study of the config's MedSynth sources
+    (``sft.eval_studies`` studies each): the reference is the study's report and
+    ``meta["findings"]`` its structured findings."""
+    from medvl_jax.data import medsynth, sources as sources_lib
+
+    out = []
+    n = int(config.sft.eval_studies)
+    for name, spec in _medsynth_specs(config):
+        src = medsynth.MedSynthSource(medsynth.MedSynthConfig(
+            kind=spec["medsynth_kind"], split=split, num_studies=n,
+            image_size=spec["render_size"], volume_shape=tuple(spec["volume_shape"]),
+            seed=spec["seed"]))
+        for i in range(len(src)):
+            rec = src[i]
+            qa = [{"question": REPORT_PROMPT, "answer": rec["report"], "type": "report"}]
+            ex = sources_lib.medsynth_to_example({**rec, "qa": qa}, np.random.default_rng(0))
+            ex["id"] = f"{ex['id']}/report"
+            ex["meta"].update(source=name, findings=rec["findings"], options=[])
+            out.append(ex)
+    return out
+
+
+def _external_benchmarks():
+    """medvl_jax.data.benchmarks, or None where it is not installed."""
+    try:
+        from medvl_jax.data import benchmarks
+    except ModuleNotFoundError as e:
+        if e.name != "medvl_jax.data.benchmarks":
+            raise
+        return None
+    return benchmarks
+
+
+def known_benchmarks() -> list[str]:
+    """Names accepted by :func:`load_examples`."""
+    ext = _external_benchmarks()
+    return list(BUILTIN_BENCHMARKS) + sorted(set(ext.BENCHMARKS if ext else ())
+                                             - set(BUILTIN_BENCHMARKS))
+
+
+def check_benchmark(name: str) -> None:
+    """Raises a ValueError listing the known benchmarks if ``name`` is not one."""
+    if name not in known_benchmarks():
+        raise ValueError(f"unknown benchmark {name!r}; known benchmarks: "
+                         f"{', '.join(known_benchmarks())}")
+
+
+def load_examples(benchmark: str, task, split: str = "test", data_dir: str | None = None,
+                  limit: int | None = None) -> list[dict]:
+    """The examples of ``benchmark`` (first ``limit`` of them if given), each with
+    ``meta["benchmark"]`` set. MedSynth benchmarks come from the task's config; other names
+    from :func:`medvl_jax.data.benchmarks.load_benchmark` (``data_dir``)."""
+    check_benchmark(benchmark)
+    policy = generative_policy(task)
+    if benchmark == "medsynth":
+        examples = policy.eval_examples(split)
+    elif benchmark == "medsynth_report":
+        examples = medsynth_report_examples(policy.config, split)
+    else:
+        from medvl_jax.data import benchmarks
+
+        examples = benchmarks.load_benchmark(benchmark, data_dir, split)
+    if limit is not None:
+        examples = examples[:int(limit)]
+    out = []
+    for ex in examples:
+        out.append({**ex, "meta": {**ex["meta"], "benchmark": benchmark}})
+    return out
+
+
+def _prompt_key(example: dict) -> str:
+    return json.dumps([(m.get("role"), m.get("content")) for m in example["messages"]])
+
+
+def _text_view(example: dict, condition: str) -> dict:
+    """``example`` under ``condition`` as far as its text goes (images untouched)."""
+    return baselines_lib.apply(example, condition, None) if condition == "no_image" else example
+
+
+def evaluate(task, params, examples: Sequence[dict],
+             protocols: Sequence[protocols_lib.Protocol], *,
+             baselines: Sequence[str] = (), progress: Callable[[int, int], None] | None = None,
+             benchmark: str = "", split: str = "") -> dict:
+    """Scores ``examples`` under each protocol, with the real images and under each
+    baseline; see the module docstring. ``params`` are the task's params (LoRA merged here);
+    ``progress(done, total)`` is called after each generated batch.
+
+    Returns ``{"benchmark", "split", "num_examples", "conditions", "protocols": {name:
+    {"protocol", "version", "description", "conditions": {condition: {"per_type",
+    "overall", "num_questions"[, "report_metrics"]}}}}, "predictions": {name: {condition:
+    [row, ...]}}}``; a row is ``{"id", "type", "prediction" (generated), "parsed",
+    "answer", "score", "protocol", "version", "condition"}``.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"no examples to evaluate (benchmark {benchmark!r}, split {split!r})")
+    protocols = list(protocols)
+    if len({p.name for p in protocols}) != len(protocols):
+        raise ValueError(f"protocol names repeat: {[p.tag for p in protocols]}")
+    conditions = [baselines_lib.REAL] + [b for b in baselines if b != baselines_lib.REAL]
+    for c in conditions:
+        if c not in baselines_lib.CONDITIONS:
+            raise ValueError(f"unknown condition {c!r}; known: "
+                             f"{', '.join(baselines_lib.CONDITIONS)}")
+    policy = generative_policy(task)
+    model_params = (task.model_params if hasattr(task, "model_params")
+                    else policy.model_params)(params)
+    bs = int(policy.config.sft.eval_batch_size)
+    default_budget = int(policy.config.sft.eval_max_new_tokens)
+
+    # Plan: the distinct generations, in a fixed order, grouped per (condition, protocol)
+    # and token budget so that every batch shares one shape.
+    def budget(p, ex):
+        n = p.decoding.for_type(ex["meta"]["question_type"])
+        return default_budget if n is None else int(n)
+
+    keys: dict[tuple[str, str], list[tuple]] = {}  # (condition, protocol) -> one per example
+    jobs: list[tuple[str, int, list[tuple]]] = []  # (condition, budget, [(key, index, p)])
+    seen = set()
+    for cond in conditions:
+        for p in protocols:
+            groups: dict[int, list[tuple]] = {}
+            for i, ex in enumerate(examples):
+                prompted = p.prompt(_text_view(ex, cond))
+                key = (i, _prompt_key(prompted), cond, budget(p, ex))
+                keys.setdefault((cond, p.name), []).append(key)
+                if key not in seen:
+                    seen.add(key)
+                    groups.setdefault(key[3], []).append((key, i, p))
+            jobs.extend((cond, n_new, items) for n_new, items in groups.items())
+    batches = []
+    for cond, n_new, items in jobs:
+        for start in range(0, len(items), bs):
+            batches.append((cond, n_new, items[start:start + bs]))
+
+    data_config = policy.config.data
+    texts: dict[tuple, str] = {}
+    for k, (cond, n_new, items) in enumerate(batches):
+        chunk = [p.prompt(baselines_lib.apply(examples[i], cond, data_config))
+                 for _, i, p in items]
+        answers = policy.generate_texts(model_params, chunk, batch_size=bs, max_new_tokens=n_new)
+        for (key, _, _), text in zip(items, answers):
+            texts[key] = text
+        if progress is not None:
+            progress(k + 1, len(batches))
+
+    out = {"benchmark": benchmark, "split": split, "num_examples": len(examples),
+           "conditions": conditions, "protocols": {}, "predictions": {}}
+    for p in protocols:
+        entry = {**p.stamp(), "description": p.description, "conditions": {}}
+        out["predictions"][p.name] = {}
+        for cond in conditions:
+            rows = []
+            for ex, key in zip(examples, keys[(cond, p.name)]):
+                parsed, score = p.evaluate(texts[key], ex)
+                rows.append({"id": ex["id"], "type": ex["meta"]["question_type"],
+                             "prediction": texts[key], "parsed": parsed,
+                             "answer": ex["meta"]["answer"], "score": float(score),
+                             **p.stamp(), "condition": cond})
+            entry["conditions"][cond] = summarise(rows, examples)
+            out["predictions"][p.name][cond] = rows
+        out["protocols"][p.name] = entry
+    return out
+
+
+def summarise(rows: Sequence[dict], examples: Sequence[dict]) -> dict:
+    """Per-question-type means, the overall mean and (for report questions) corpus report
+    metrics of one protocol under one condition."""
+    per_type: dict[str, list[float]] = {}
+    for r in rows:
+        per_type.setdefault(r["type"], []).append(r["score"])
+    table = {"per_type": {t: {"score": float(np.mean(v)), "n": len(v)}
+                          for t, v in sorted(per_type.items())},
+             "overall": float(np.mean([r["score"] for r in rows])),
+             "num_questions": len(rows)}
+    reports = [(r, ex) for r, ex in zip(rows, examples) if r["type"] == protocols_lib.REPORT]
+    if reports:
+        clinical = all(ex["meta"].get("findings") is not None for _, ex in reports)
+        table["report_metrics"] = report_metrics.corpus_metrics(
+            [r["parsed"] for r, _ in reports], [str(ex["meta"]["answer"]) for _, ex in reports],
+            clinical=clinical)
+    return table
+
+
+def format_tables(results: dict) -> str:
+    """One table per protocol: question types down, the real score and each baseline across
+    (percentages), then report metrics if any."""
+    conds = results["conditions"]
+    lines = []
+    for name, entry in results["protocols"].items():
+        first = entry["conditions"][conds[0]]
+        lines.append(f"\n{results['benchmark']} {results['split']}, "
+                     f"{first['num_questions']} questions; protocol {name} "
+                     f"(version {entry['version']})")
+        lines.append(f"{'question type':<18}{'n':>6}" + "".join(f"{c:>10}" for c in conds))
+        for qtype, row in first["per_type"].items():
+            cells = "".join(f"{100 * entry['conditions'][c]['per_type'][qtype]['score']:>9.1f}%"
+                            for c in conds)
+            lines.append(f"{qtype:<18}{row['n']:>6}{cells}")
+        cells = "".join(f"{100 * entry['conditions'][c]['overall']:>9.1f}%" for c in conds)
+        lines.append(f"{'overall':<18}{first['num_questions']:>6}{cells}")
+        if "report_metrics" in first:
+            for metric in first["report_metrics"]:
+                cells = "".join(f"{entry['conditions'][c]['report_metrics'][metric]:>10.3f}"
+                                for c in conds)
+                lines.append(f"  {metric:<22}{cells}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """A PNG bar chart: per protocol, the score of each question type and overall, one bar
+    per condition (real first, then the baselines)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    conds = results["conditions"]
+    names = list(results["protocols"])
+    fig = Figure(figsize=(max(6.0, 1.2 * (len(next(iter(
+        results["protocols"].values()))["conditions"][conds[0]]["per_type"]) + 1)),
+        3.2 * len(names)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(conds)
+    for ax, name in zip(axes, names):
+        entry = results["protocols"][name]
+        groups = list(entry["conditions"][conds[0]]["per_type"]) + ["overall"]
+        x = np.arange(len(groups))
+        for j, c in enumerate(conds):
+            table = entry["conditions"][c]
+            values = [100 * table["per_type"][g]["score"] for g in groups[:-1]]
+            values.append(100 * table["overall"])
+            ax.bar(x + (j - (len(conds) - 1) / 2) * width, values, width, label=c)
+        ax.set_xticks(x)
+        ax.set_xticklabels(groups, rotation=20)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("score (%)")
+        ax.set_title(f"{results['benchmark']} {results['split']}: {name} "
+                     f"(version {entry['version']})")
+        ax.legend(fontsize="small", ncol=len(conds))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
