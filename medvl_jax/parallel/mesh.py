@@ -74,26 +74,107 @@ def global_batch_from_local(local_batch, mesh: Mesh, sharding: NamedSharding | N
                         local_batch)
 
 
-def maybe_initialize_distributed() -> bool:
-    """Calls ``jax.distributed.initialize()`` only when the environment is multi-process.
+# ---------------------------------------------------------------------------------------------
+# Multi-process start-up
+# ---------------------------------------------------------------------------------------------
 
-    Multi-process means a coordinator address is set (``JAX_COORDINATOR_ADDRESS``, with
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` for a local or hand-made launch), a SLURM job
-    with several tasks, or a TPU pod slice with several workers. A single process does
-    nothing. Returns whether the runtime is (now) distributed.
+# MEDVL_JAX_DISTRIBUTED=1 asks for jax.distributed with JAX's own cluster detection (what the
+# TPU pod launcher sets: JAX then reads the worker list from the TPU VM's metadata); =0 forces
+# a single process whatever else the environment says.
+DISTRIBUTED_ENV = "MEDVL_JAX_DISTRIBUTED"
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def distributed_init_args(env: Mapping[str, str] | None = None) -> dict | None:
+    """The keyword arguments for ``jax.distributed.initialize`` that ``env`` (default:
+    ``os.environ``) asks for, or None when it describes a single process.
+
+    In order of precedence:
+
+    * ``MEDVL_JAX_DISTRIBUTED=0``: a single process.
+    * ``JAX_COORDINATOR_ADDRESS`` (``host:port``) with ``JAX_NUM_PROCESSES`` and
+      ``JAX_PROCESS_ID``: an explicit job (what ``launch/local.py`` sets). Inside a SLURM step
+      the last two may be left to SLURM.
+    * A SLURM job step (started by ``srun``: ``SLURM_STEP_NODELIST`` is set) of more than one
+      task. The batch script itself (no step) is one process even when the job has several
+      tasks, so running the trainer there directly does not wait for peers forever.
+    * ``MEDVL_JAX_DISTRIBUTED=1`` (TPU pod launcher), a GKE TPU slice of several hosts
+      (``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES``) or a multislice job
+      (``MEGASCALE_COORDINATOR_ADDRESS``): JAX's cluster detection fills in everything.
+
+    ``JAX_LOCAL_DEVICE_IDS`` (comma-separated) restricts the devices of each process; the SLURM
+    launcher sets it when one process drives all GPUs of its node, since JAX's SLURM detection
+    would otherwise give each process only the GPU numbered by its local task id.
     """
-    env = os.environ
-    multi = ("JAX_COORDINATOR_ADDRESS" in env
-             or int(env.get("SLURM_NTASKS", "1")) > 1
-             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if not multi:
+    env = os.environ if env is None else env
+    flag = env.get(DISTRIBUTED_ENV, "").strip().lower()
+    if flag in ("0", "false", "no"):
+        return None
+    if flag not in ("", "1", "true", "yes"):
+        raise ValueError(f"{DISTRIBUTED_ENV}={env[DISTRIBUTED_ENV]!r}: use 1 (initialise "
+                         f"jax.distributed) or 0 (a single process)")
+    kwargs: dict = {}
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
+        try:
+            kwargs["local_device_ids"] = [int(x) for x in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+        except ValueError:
+            raise ValueError(f"JAX_LOCAL_DEVICE_IDS={env['JAX_LOCAL_DEVICE_IDS']!r} is not a "
+                             f"comma-separated list of integers") from None
+    slurm_step = "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env
+    slurm_tasks = _int_env(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in env \
+        else _int_env(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in env]
+        if missing and not slurm_step:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not: a multi-process "
+                             f"job needs the number of processes and this process's id")
+        if "JAX_NUM_PROCESSES" in env:
+            kwargs["num_processes"] = _int_env(env, "JAX_NUM_PROCESSES")
+        if "JAX_PROCESS_ID" in env:
+            kwargs["process_id"] = _int_env(env, "JAX_PROCESS_ID")
+        n, i = kwargs.get("num_processes"), kwargs.get("process_id")
+        if n is not None and i is not None and not 0 <= i < n:
+            raise ValueError(f"JAX_PROCESS_ID={i} is not in [0, JAX_NUM_PROCESSES={n})")
+        if n == 1:
+            return None
+        return kwargs
+    if slurm_step:
+        if slurm_tasks == 1:
+            return None
+        return {**kwargs, "cluster_detection_method": "slurm"}
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if flag in ("1", "true", "yes") or len(hosts.split(",")) > 1 \
+            or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return kwargs
+    return None
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+    """Calls ``jax.distributed.initialize()`` only when the environment describes a
+    multi-process job (see :func:`distributed_init_args`); a single process does nothing.
+    Call it before any other JAX call. Returns whether the runtime is (now) distributed.
+
+    On CPU the cross-process collectives use gloo unless
+    ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` says otherwise.
+    """
+    env = os.environ if env is None else env
+    kwargs = distributed_init_args(env)
+    if kwargs is None:
         return False
     if jax.distributed.is_initialized():
         return True
-    kwargs = {}
-    if "JAX_NUM_PROCESSES" in env:
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if "JAX_PROCESS_ID" in env:
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
+    print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} of {jax.device_count()} devices here", flush=True)
     return True

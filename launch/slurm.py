@@ -1,0 +1,149 @@
+"""SLURM launcher for multi-node GPU training: writes an sbatch script and submits it.
+
+    python -m launch.slurm --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 \\
+        --setup "source ~/venvs/medvl/bin/activate" -- \\
+        --config configs/medsynth_sft.py --workdir /shared/runs/sft1
+
+The script asks for ``--nodes`` nodes with ``--gpus_per_node`` GPUs each and starts the trainer
+with ``srun``:
+
+* ``--processes per_gpu`` (default): one task per GPU. JAX's SLURM detection gives each
+  process the GPU numbered by its local task id, so GPUs are not bound per task here
+  (every task sees its node's GPUs and picks its own).
+* ``--processes per_node``: one task per node driving all its GPUs
+  (``JAX_LOCAL_DEVICE_IDS=0,...,G-1``).
+
+In the job step the trainer finds ``SLURM_STEP_NODELIST``/``SLURM_PROCID``/... and calls
+``jax.distributed.initialize()``, which takes the coordinator (the step's first node, a port
+derived from the job id), the process count and this process's id from SLURM. The workdir
+must be on a file system every node sees: all processes write one checkpoint together.
+
+``--dry_run`` prints the script and the ``sbatch`` command instead of writing/submitting.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Sequence
+
+from launch import common
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+def sbatch_script(*, nodes: int, gpus_per_node: int, processes: str, train_cmd: Sequence[str],
+                  chdir: str, job_name: str = "medvl_jax", time: str | None = None,
+                  partition: str | None = None, account: str | None = None,
+                  cpus_per_task: int | None = None, output: str | None = None,
+                  exclusive: bool = False, sbatch_args: Sequence[str] = (),
+                  setup: Sequence[str] = (), env: Sequence[str] = ()) -> str:
+    """The text of the sbatch script (see the module docstring)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"nodes and gpus_per_node must be >= 1, got {nodes}, {gpus_per_node}")
+    if processes not in ("per_gpu", "per_node"):
+        raise ValueError(f"processes must be 'per_gpu' or 'per_node', got {processes!r}")
+    if time is not None and not _TIME.match(time):
+        raise ValueError(f"time {time!r} is not a SLURM time limit ([D-]HH:MM:SS, MM, ...)")
+    tasks_per_node = gpus_per_node if processes == "per_gpu" else 1
+    head = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node}"]
+    if cpus_per_task:
+        head.append(f"--cpus-per-task={cpus_per_task}")
+    if time:
+        head.append(f"--time={time}")
+    if partition:
+        head.append(f"--partition={partition}")
+    if account:
+        head.append(f"--account={account}")
+    if exclusive:
+        head.append("--exclusive")
+    head.append(f"--output={output or job_name + '-%j.out'}")
+    for a in sbatch_args:
+        if not a.startswith("--"):
+            raise ValueError(f"sbatch argument {a!r} must start with '--' (e.g. --qos=high)")
+        head.append(a)
+    lines = ["#!/bin/bash"] + [f"#SBATCH {h}" for h in head]
+    lines += ["", "set -eo pipefail", f"cd {common.join([chdir])}"]
+    lines += list(setup)
+    for kv in env:
+        key, eq, value = kv.partition("=")
+        if not eq or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(f"--env {kv!r} must be NAME=value")
+        lines.append(f"export {key}={common.join([value])}")
+    lines.append("export PYTHONUNBUFFERED=1")
+    if processes == "per_node":
+        ids = ",".join(str(i) for i in range(gpus_per_node))
+        lines.append(f"# One process per node drives all {gpus_per_node} GPUs of its node.")
+        lines.append(f"export JAX_LOCAL_DEVICE_IDS={ids}")
+    srun = ["srun", "--kill-on-bad-exit=1"]
+    if cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05).
+        srun.append(f"--cpus-per-task={cpus_per_task}")
+    lines += ["", common.join([*srun, *train_cmd])]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.slurm",
+        description="Write an sbatch script that runs the trainer on SLURM GPU nodes, and "
+                    "submit it.",
+        epilog="Arguments after '--' go to the training command.")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--processes", choices=("per_gpu", "per_node"), default="per_gpu",
+                   help="one process per GPU (default) or one per node")
+    p.add_argument("--job_name", default="medvl_jax")
+    p.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--cpus_per_task", type=int, default=None)
+    p.add_argument("--output", default=None, help="log file pattern (default JOB_NAME-%%j.out)")
+    p.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    p.add_argument("--sbatch_arg", action="append", default=[],
+                   help="an extra #SBATCH line, e.g. --sbatch_arg=--qos=high (repeatable)")
+    p.add_argument("--setup", action="append", default=[],
+                   help="a shell line run before srun, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--env", action="append", default=[],
+                   help="NAME=value exported before srun (repeatable)")
+    p.add_argument("--chdir", default=os.getcwd(),
+                   help="directory the job runs in (default: here, the repository root)")
+    p.add_argument("--python", default="python3", help="the Python interpreter on the nodes")
+    p.add_argument("--module", default=common.DEFAULT_MODULE, help="python -m MODULE to run")
+    p.add_argument("--script", default=None,
+                   help="where to write the script (default: ./JOB_NAME.sbatch)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the script and the sbatch command; write and submit nothing")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    launcher_argv, train_args = common.split_argv(argv)
+    parser = build_parser()
+    args = parser.parse_args(launcher_argv)
+    common.require_train_args(parser, train_args)
+    try:
+        script = sbatch_script(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, processes=args.processes,
+            train_cmd=common.train_command(args.python, args.module, train_args),
+            chdir=os.path.abspath(args.chdir), job_name=args.job_name, time=args.time,
+            partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
+            output=args.output, exclusive=args.exclusive, sbatch_args=args.sbatch_arg,
+            setup=args.setup, env=args.env)
+    except ValueError as e:
+        parser.error(str(e))
+    path = args.script or f"{args.job_name}.sbatch"
+    if args.dry_run:
+        print(f"# sbatch script ({path}):")
+        print(script, end="")
+        print("# submit:")
+        return common.run(["sbatch", path], dry_run=True)
+    with open(path, "w") as f:
+        f.write(script)
+    print(f"# wrote {path}")
+    return common.run(["sbatch", path], dry_run=False, check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
