@@ -175,5 +175,39 @@ class DPOTask:
             process_count=process_count))
 
     def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
-        """Per-question-type MedSynth scores, as :meth:`SFTTask.evaluate`."""
-        return self.policy.evaluate(params, split, progress=progress)
+        """Per-question-type MedSynth scores, as :meth:`SFTTask.evaluate`. On the test split
+        the same questions are also answered by the reference model (``before``: the
+        starting weights) and by the trained model without its images (``no_image``: what
+        the text alone gets right), so the table shows what the run changed and whether it
+        came from reading the images."""
+        after = self.policy.evaluate(params, split, progress=progress)
+        if split != "test" or not after:
+            return after
+        strip = ("predictions",)
+        before = self.policy.evaluate_model(self.reference_params(params), split)
+        blind = self.policy.evaluate(params, split, condition="no_image")
+        return {**after, "before": {k: v for k, v in before.items() if k not in strip},
+                "no_image": {k: v for k, v in blind.items() if k not in strip}}
+
+    def report(self, results: dict, workdir: str) -> None:
+        """Prints the before/after table (see :meth:`evaluate`) at the end of a run."""
+        if "before" not in results:
+            return
+        print(comparison_table(results))
+
+
+def comparison_table(results: dict) -> str:
+    """The test table of a preference/RL run: per question type, the reference model's score
+    (before), the trained model's (after), the change, and the trained model's score without
+    images (no image)."""
+    before, blind = results["before"]["per_type"], results["no_image"]["per_type"]
+    lines = [f"{'question type':<18}{'n':>6}{'before':>9}{'after':>9}{'change':>9}"
+             f"{'no image':>10}", "(scores in %, change in points)"][::-1]
+    rows = [(t, v) for t, v in results["per_type"].items()]
+    rows.append(("overall", {"score": results["overall"], "n": results["num_questions"]}))
+    for t, v in rows:
+        b = results["before"]["overall"] if t == "overall" else before[t]["score"]
+        n = results["no_image"]["overall"] if t == "overall" else blind[t]["score"]
+        lines.append(f"{t:<18}{v['n']:>6}{100 * b:>8.1f}%{100 * v['score']:>8.1f}%"
+                     f"{100 * (v['score'] - b):>+9.1f}{100 * n:>9.1f}%")
+    return "\n".join(lines)

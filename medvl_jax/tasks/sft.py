@@ -200,28 +200,37 @@ class SFTTask:
         return [self.tokenizer.decode(gen, skip_special_tokens=True).strip()
                 for gen in answers[:len(examples)]]
 
-    def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
+    def evaluate(self, params, split: str = "test", *, progress=None,
+                 condition: str = "real") -> dict:
         """Per-question-type scores on MedSynth ``split`` (see medvl_jax.evaluate.scoring).
 
         ``params``: the task's params (LoRA factors, if any, are merged here). Greedy decoding
         with the KV-cache sampler up to ``sft.eval_max_new_tokens`` tokens, stopping at the
         template's end-of-turn token; batches of ``sft.eval_batch_size`` (the last one padded,
         so one compilation serves all). ``progress(done, total)`` is called after each batch.
+        ``condition``: ``real`` images or a sanity baseline of medvl_jax.evaluate.baselines
+        (e.g. ``no_image``).
         """
-        from medvl_jax.evaluate import scoring
+        return self.evaluate_model(self.model_params(params), split, progress=progress,
+                                   condition=condition)
+
+    def evaluate_model(self, model_params, split: str = "test", *, progress=None,
+                       condition: str = "real") -> dict:
+        """:meth:`evaluate` for plain model params (no LoRA factors), e.g. a reference model."""
+        from medvl_jax.evaluate import baselines, scoring
 
         examples = self.eval_examples(split)
         if not examples:
             return {}
-        params = self.model_params(params)
         bs = int(self.config.sft.eval_batch_size)
         per_type: dict[str, list[float]] = {}
         predictions = []
         num_batches = -(-len(examples) // bs)
         for k, start in enumerate(range(0, len(examples), bs)):
             chunk = examples[start:start + bs]
+            shown = [baselines.apply(ex, condition, self.config.data) for ex in chunk]
             # The last chunk is padded so that the decode compiles once.
-            for ex, text in zip(chunk, self.generate_texts(params, chunk, batch_size=bs)):
+            for ex, text in zip(chunk, self.generate_texts(model_params, shown, batch_size=bs)):
                 qtype = ex["meta"]["question_type"]
                 s = scoring.score(qtype, text, ex["meta"]["answer"])
                 per_type.setdefault(qtype, []).append(s)
@@ -231,5 +240,5 @@ class SFTTask:
                 progress(k + 1, num_batches)
         table = {t: {"score": float(np.mean(v)), "n": len(v)} for t, v in sorted(per_type.items())}
         overall = float(np.mean([p["score"] for p in predictions]))
-        return {"split": split, "per_type": table, "overall": overall,
+        return {"split": split, "condition": condition, "per_type": table, "overall": overall,
                 "num_questions": len(predictions), "predictions": predictions}

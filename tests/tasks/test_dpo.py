@@ -147,3 +147,33 @@ def test_smoke_run_starts_at_the_reference(sft_checkpoint, tmp_path):
 
     out = workdir.resolve(wd)
     assert checkpoint_io.read_meta(out)["source"]["step"] == 3
+
+
+def test_test_evaluation_adds_the_reference_and_a_no_image_baseline(sft_checkpoint, capsys):
+    from medvl_jax.evaluate import harness, protocols
+
+    config = _config(sft_checkpoint, "--config.dpo.eval_studies=2")
+    tok = pipeline.make_tokenizer(config.tokenizer)
+    _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
+    moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape,
+                                                                x.dtype), params)
+    # The reference is the starting point: with the policy still there, before == after.
+    same = dpo.DPOTask(config, tok, reference_params=params).evaluate(params, "test")
+    assert same["before"]["per_type"] == same["per_type"]
+    task = dpo.DPOTask(config, tok, reference_params=params)
+    res = task.evaluate(moved, "test")
+    assert res["num_questions"] == res["before"]["num_questions"] >= 10
+    assert [p["prediction"] for p in res["predictions"]] != \
+        [p["prediction"] for p in same["predictions"]]
+    assert res["before"]["per_type"] == same["per_type"]
+    # The no-image scores equal the evaluation harness's no_image condition (exact-match
+    # types under the medsynth protocol), an independent path through the same sampler.
+    ref = harness.evaluate(task, moved, task.policy.eval_examples("test"),
+                           [protocols.get("medsynth")], baselines=["no_image"])
+    blind = ref["protocols"]["medsynth"]["conditions"]["no_image"]["per_type"]
+    for qtype in ("closed", "multiple_choice", "counting"):
+        if qtype in blind:
+            assert res["no_image"]["per_type"][qtype] == blind[qtype]
+    task.report(res, "")
+    table = capsys.readouterr().out
+    assert "before" in table and "no image" in table and "overall" in table
