@@ -76,6 +76,6 @@ def test_inspect_cli(tmp_path):
          "--config.data.image_size=32"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("tokens:") == 4 and "assistant:" in proc.stdout
+    assert proc.stdout.count("tokens:") == 6 and "assistant:" in proc.stdout
     from PIL import Image
-    assert Image.open(out).size == (4 * 32, 2 * 32)  # 2 cxr + 2 pairs x 2 images = 6 -> 2 rows.
+    assert Image.open(out).size == (4 * 32, 2 * 32)  # 2 + 2 cxr, 2 pairs x 2 images: 8 -> 2 rows.

@@ -269,7 +269,7 @@ def test_real_model_and_medsynth_benchmarks():
     qa = harness.load_examples("medsynth", task, "test", limit=3)
     reports = harness.load_examples("medsynth_report", task, "test")
     assert [ex["meta"]["benchmark"] for ex in qa] == ["medsynth"] * 3
-    assert len(reports) == 2   # one study of each MedSynth source (cxr, pairs)
+    assert len(reports) == 3   # one study of each MedSynth source (cxr, cxr_closed, pairs)
     for ex in reports:
         assert ex["meta"]["question_type"] == "report" and ex["id"].endswith("/report")
         assert ex["messages"][-1]["content"] == ex["meta"]["answer"]
