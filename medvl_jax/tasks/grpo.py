@@ -30,6 +30,7 @@ batch with the current params, and ``updates_per_batch`` (``grpo.mu``) steps reu
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,7 @@ class GRPOTask(dpo.DPOTask):
 
         self.stop_id = tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
             config.data.template))
+        self._timings: dict = {}  # Rollout phase times since the last host_metrics().
 
     # --- shapes ------------------------------------------------------------------------------
 
@@ -154,6 +156,11 @@ class GRPOTask(dpo.DPOTask):
 
         g = self.config.grpo
         gs, t = int(g.group_size), int(g.max_new_tokens)
+        # Wall time per phase (host_metrics). The previous update runs asynchronously until
+        # its params are needed here, so waiting for them is update time.
+        t0 = time.perf_counter()
+        jax.block_until_ready(params)
+        t1 = time.perf_counter()
         prompts = self.policy.prompt_batch(examples)  # LEFT-padded to data.max_length.
         rep = {k: np.repeat(v, gs, axis=0) for k, v in prompts.items()}
         model_params = self.model_params(params)
@@ -162,7 +169,9 @@ class GRPOTask(dpo.DPOTask):
                                max_new_tokens=t, rng=rng, temperature=float(g.temperature),
                                top_k=int(g.top_k), top_p=float(g.top_p),
                                stop_tokens=[self.stop_id], pad_id=self.tokenizer.pad_token_id)
-        cmask = (np.arange(t)[None] < out.lengths[:, None]).astype(np.int32)
+        lengths = np.asarray(out.lengths)
+        t2 = time.perf_counter()
+        cmask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
         batch = {"tokens": np.concatenate([rep["tokens"], out.tokens], 1).astype(np.int32),
                  "input_mask": np.concatenate([rep["input_mask"], cmask.astype(bool)], 1),
                  "mask_ar": np.concatenate([rep["mask_ar"], np.ones_like(cmask)], 1),
@@ -173,6 +182,7 @@ class GRPOTask(dpo.DPOTask):
         batch["ref_logp"] = (np.asarray(self._logp_fn(self.reference_params(params), *args),
                                         np.float32) if g.beta > 0
                              else np.zeros_like(batch["old_logp"]))
+        t3 = time.perf_counter()
         # Rewards on the decoded answers (stop token removed), lengths in tokens.
         texts = [self.tokenizer.decode(row[:n - 1 if d else n].tolist(),
                                        skip_special_tokens=True).strip()
@@ -191,7 +201,27 @@ class GRPOTask(dpo.DPOTask):
         batch["advantages"] = np.asarray(rl_losses.group_advantages(
             jnp.asarray(batch["reward"]), gs, scale=g.scale, ddof=int(g.ddof),
             eps=float(g.adv_eps)))
+        t4 = time.perf_counter()
+        for key, dt in (("update", t1 - t0), ("sample", t2 - t1), ("logp", t3 - t2),
+                        ("reward", t4 - t3)):
+            self._timings[key] = self._timings.get(key, 0.0) + dt
+        self._timings["rollouts"] = self._timings.get("rollouts", 0) + 1
+        self._timings["tokens"] = self._timings.get("tokens", 0) + int(lengths.sum())
         return batch
+
+    def host_metrics(self) -> dict:
+        """Where the rollout time went since the last call (the loop logs these with each
+        metrics row): seconds per rollout spent waiting for the previous update
+        (``time_update_s``), sampling (``time_sample_s``), in the old/reference log-prob
+        passes (``time_logp_s``) and computing rewards (``time_reward_s``), and sampled
+        completion tokens per second of sampling (``rollout_tokens_per_s``)."""
+        tm, self._timings = self._timings, {}
+        n = tm.get("rollouts", 0)
+        if not n:
+            return {}
+        out = {f"time_{k}_s": tm[k] / n for k in ("update", "sample", "logp", "reward")}
+        out["rollout_tokens_per_s"] = tm["tokens"] / max(tm["sample"], 1e-9)
+        return out
 
     # --- loss (inside the jitted update) -----------------------------------------------------
 

@@ -353,6 +353,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
                            skipped_nonfinite=total, skipped_examples=skips.total)
                 if window_tokens:
                     row["tokens_per_s"] = window_tokens / dt
+                if hasattr(task, "host_metrics"):  # Host-side work of the task (GRPO rollouts).
+                    row.update(task.host_metrics())
                 if flops_per_device and tc.peak_flops_per_device:
                     row["mfu"] = (flops_per_device * window_steps / dt
                                   / tc.peak_flops_per_device)

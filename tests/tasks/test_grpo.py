@@ -110,3 +110,14 @@ def test_cli_run_through_the_loop_hook_resumes_exactly(tmp_path):
     for step in (3, 4):
         assert a[step][:2] == b[step][:2], (step, a[step], b[step])
     assert max(v[2] for v in a.values()) < 1e-4
+    # Every row says where the rollout time went, and the sampled tokens per second of
+    # sampling match the logged completion lengths (G completions per prompt).
+    import json
+
+    rows = [json.loads(line) for line in open(f"{straight}/metrics.jsonl")]
+    for r in rows:
+        assert all(r[f"time_{k}_s"] >= 0 for k in ("update", "sample", "logp", "reward"))
+        assert r["time_sample_s"] > 0 and r["time_logp_s"] > 0
+        tokens = r["completion_length"] * 8  # data.batch_size completions (smoke: 8).
+        np.testing.assert_allclose(r["rollout_tokens_per_s"], tokens / r["time_sample_s"],
+                                   rtol=1e-4)
