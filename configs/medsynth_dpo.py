@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()   # Empty: the checkpoint's model config.
 
     c.data = pipeline.default_config()
-    c.data.sources = {"cxr": pipeline.medsynth_source("cxr", num_studies=32 if smoke else 8000,
-                                                      seed=1)}  # Not the SFT studies.
+    c.data.sources = {"cxr": pipeline.medsynth_source(  # Seed 3: not the SFT studies.
+        "cxr", num_studies=32 if smoke else 8000, seed=3, render_size=64)}
     c.data.batch_size = 8 if smoke else 16
     c.data.max_images = 1
     c.data.image_size = None                # None: the checkpoint's.

@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = pipeline.default_config()
     c.data.sources = {"cxr": pipeline.medsynth_source(
-        "cxr", num_studies=32 if smoke else 8000, seed=2, question_types=TYPES)}
+        "cxr", num_studies=32 if smoke else 8000, seed=2, render_size=64,
+        question_types=TYPES)}  # Seed 2: not the SFT studies; rendered as in the SFT job.
     c.data.batch_size = 8 if smoke else 32  # Completions: prompts x grpo.group_size.
     c.data.max_images = 1
     c.data.image_size = None                # None: the checkpoint's.
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.grpo.group_size = 4
     c.grpo.max_new_tokens = 8
     c.grpo.beta = 0.04
-    c.grpo.eval_studies = 0 if smoke else 100
+    c.grpo.eval_studies = 0 if smoke else 200  # 1,100 test questions of the three types.
 
     c.optim = optim.default_config()
     c.optim.lr = 1e-5 if smoke else 2e-5
