@@ -20,6 +20,15 @@ def split_argv(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def parse(parser, argv: Sequence[str] | None):
+    """``(launcher args, train args)`` of ``[launcher flags..., "--", train args...]``;
+    exits with a usage error when nothing follows ``--``."""
+    launcher_argv, train_args = split_argv(argv)
+    args = parser.parse_args(launcher_argv)
+    require_train_args(parser, train_args)
+    return args, train_args
+
+
 def require_train_args(parser, train_args: Sequence[str]) -> None:
     """Exits with a usage error when nothing follows ``--``."""
     if not train_args:

@@ -201,10 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    launcher_argv, train_args = common.split_argv(argv)
     parser = build_parser()
-    args = parser.parse_args(launcher_argv)
-    common.require_train_args(parser, train_args)
+    args, train_args = common.parse(parser, argv)
     if args.num_processes < 1:
         parser.error(f"--num_processes must be >= 1, got {args.num_processes}")
     if args.devices_per_process < 1:

@@ -119,10 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    launcher_argv, train_args = common.split_argv(argv)
     parser = build_parser()
-    args = parser.parse_args(launcher_argv)
-    common.require_train_args(parser, train_args)
+    args, train_args = common.parse(parser, argv)
     try:
         script = sbatch_script(
             nodes=args.nodes, gpus_per_node=args.gpus_per_node, processes=args.processes,

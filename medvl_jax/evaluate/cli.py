@@ -89,7 +89,6 @@ def load(config: ml_collections.ConfigDict, directory: str):
     import jax
 
     from medvl_jax.parallel import mesh as mesh_lib
-    from medvl_jax.train import checkpoint as ckpt_lib
     from medvl_jax.train import loop, optim
     from medvl_jax.train import state as state_lib
 
@@ -101,10 +100,7 @@ def load(config: ml_collections.ConfigDict, directory: str):
         pretrained.check_tokenizer(tokenizer, pretrained.checkpoint_config(directory), directory)
         task = train_cli.TASKS[config.task][0](config, tokenizer)
         return config, task, pretrained.load_params(directory, task), None
-    step = None
-    if os.path.isdir(ckpt_dir):
-        manager = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
-        step = manager.latest_step()
+    manager, step = _latest_checkpoint(ckpt_dir)
     if step is None:
         raise FileNotFoundError(
             f"--checkpoint {directory}: neither a training workdir (no complete checkpoint "
@@ -163,16 +159,23 @@ def _progress(split: str):
 CONTRASTIVE_PROTOCOL = {"protocol": "contrastive_zero_shot", "version": "1"}
 
 
+def _latest_checkpoint(ckpt_dir: str):
+    """``(checkpoint manager, newest complete step)`` of ``ckpt_dir``; ``(None, None)`` when
+    it holds none."""
+    from medvl_jax.train import checkpoint as ckpt_lib
+
+    if not os.path.isdir(ckpt_dir):
+        return None, None
+    manager = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
+    step = manager.latest_step()
+    return (manager, step) if step is not None else (None, None)
+
+
 def config_from_checkpoint(directory: str, overrides=()) -> ml_collections.ConfigDict:
     """The config saved with the newest checkpoint of training workdir ``directory``, with
     ``overrides`` (``(dotted key, value)`` pairs) applied; locked."""
-    from medvl_jax.train import checkpoint as ckpt_lib
-
     ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
-    step = None
-    if os.path.isdir(ckpt_dir):
-        manager = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
-        step = manager.latest_step()
+    manager, step = _latest_checkpoint(ckpt_dir)
     if step is None:
         raise FileNotFoundError(
             f"--checkpoint {directory}: no training checkpoint under {ckpt_dir} to take the "
