@@ -97,20 +97,3 @@ def load_config(spec: str, overrides: Sequence[tuple[str, object]] = ()) -> \
         apply_override(config, key, value)
     config.lock()
     return config
-
-
-def check_keys(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
-               prefix: str = "") -> None:
-    """Raises KeyError naming any key of ``config`` that ``defaults`` does not have.
-
-    Dict-valued fields that hold user-named entries (like ``data.sources``) are not descended.
-    """
-    for key in config.keys():
-        full = f"{prefix}{key}"
-        if key not in defaults:
-            raise _unknown_key(key, defaults, full)
-        sub, ref = config[key], defaults[key]
-        if isinstance(sub, ml_collections.ConfigDict) and isinstance(ref,
-                                                                    ml_collections.ConfigDict) \
-                and full != "data.sources":
-            check_keys(sub, ref, full + ".")

@@ -213,7 +213,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
         raise DataError(f"cannot open TFDS dataset: {e}", where=name, reason="missing") from None
     if not builder.is_prepared():
         raise DataError(f"dataset is not prepared in data_dir={builder.data_dir!r}; build it "
-                        "first (see docs/datasets.md)", where=name, reason="missing")
+                        "first (see docs/data.md)", where=name, reason="missing")
     return builder.as_data_source(split=split)
 
 

@@ -32,6 +32,24 @@ def available(*, max_tokens: int | None = None, buffer_tokens: int = 0,
     return fns
 
 
+def import_reward(path: str) -> RewardFn:
+    """The reward function at ``'package.module:function'``: a reward defined outside this
+    package, used by name through ``grpo.reward_functions`` = {name: path}."""
+    import importlib
+
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward path {path!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {path!r}: cannot import {module_name!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {path!r}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
 class Combined:
     """Weighted sum of named reward functions; call it like a reward function.
 
@@ -80,6 +98,7 @@ def combine(rewards_config: Mapping[str, float],
 
 
 __all__ = ["AccuracyConfig", "Combined", "accuracy_reward", "answer_format_reward", "available",
-           "choice_letter", "combine", "extract_answer", "format_reward", "is_correct",
+           "choice_letter", "combine", "extract_answer", "format_reward", "import_reward",
+           "is_correct",
            "length_penalty", "make_accuracy_reward", "make_length_penalty", "parse_count",
            "parse_size_mm", "yes_no"]

@@ -58,6 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.ddof = 0
     c.adv_eps = 1e-6
     c.rewards = {"accuracy": 1.0, "length": 0.0}  # {name: weight}, names of rewards.available
+    # More rewards by name: {name: "package.module:function"}, then weighted in ``rewards``.
+    c.reward_functions = ml_collections.ConfigDict()
     c.length_buffer = 4            # Tokens of the soft overlong penalty before max_new_tokens.
     c.eval_studies = 100
     c.eval_batch_size = 64
@@ -97,8 +99,13 @@ class GRPOTask(dpo.DPOTask):
                              f"grpo.group_size={g.group_size}")
         if g.mu < 1:
             raise ValueError(f"grpo.mu must be >= 1, got {g.mu}")
-        self.reward_fn = rewards_lib.combine(dict(g.rewards), rewards_lib.available(
-            max_tokens=int(g.max_new_tokens), buffer_tokens=int(g.length_buffer)))
+        functions = rewards_lib.available(max_tokens=int(g.max_new_tokens),
+                                          buffer_tokens=int(g.length_buffer))
+        for name, path in dict(g.reward_functions).items():
+            if name in functions:
+                raise ValueError(f"grpo.reward_functions.{name}: {name!r} is a built-in reward")
+            functions[name] = rewards_lib.import_reward(path)
+        self.reward_fn = rewards_lib.combine(dict(g.rewards), functions)
         from medvl_jax.data import chat
 
         self.stop_id = tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(

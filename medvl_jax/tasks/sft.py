@@ -234,8 +234,10 @@ class SFTTask:
                 qtype = ex["meta"]["question_type"]
                 s = scoring.score(qtype, text, ex["meta"]["answer"])
                 per_type.setdefault(qtype, []).append(s)
-                predictions.append({"id": ex["id"], "type": qtype, "prediction": text,
-                                    "answer": ex["meta"]["answer"], "score": s})
+                predictions.append({"id": ex["id"], "type": qtype,
+                                    "template": ex["meta"].get("template", ""),
+                                    "prediction": text, "answer": ex["meta"]["answer"],
+                                    "score": s})
             if progress is not None:
                 progress(k + 1, num_batches)
         table = {t: {"score": float(np.mean(v)), "n": len(v)} for t, v in sorted(per_type.items())}

@@ -40,7 +40,8 @@ from medvl_jax.train import task as task_lib
 TrainState = state_lib.TrainState  # Re-exported for callers of the loop.
 
 # Config paths whose entries are user-named (not checked against the defaults).
-OPEN_KEYS = ("data.sources", "optim.lr_groups", "train.mesh")
+OPEN_KEYS = ("data.sources", "optim.lr_groups", "train.mesh", "grpo.rewards",
+             "grpo.reward_functions")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -86,3 +86,44 @@ def test_combine():
         rewards.combine({"acuracy": 1.0}, fns)
     with pytest.raises(ValueError, match="one entry per completion"):
         rewards.accuracy_reward(["q"], ["yes"], answer="yes")
+
+
+def short_answer(prompts, completions, **_):
+    """A reward defined outside medvl_jax.rewards (used by test_reward_from_a_module)."""
+    return [1.0 if len(c) <= 3 else 0.0 for c in completions]
+
+
+def test_reward_from_a_module():
+    """A reward named in grpo.reward_functions is imported; the config validates with its name
+    in grpo.rewards, and the task's weighted sum uses it."""
+    import ml_collections
+
+    from medvl_jax import config as config_lib
+    from medvl_jax.data import pipeline
+    from medvl_jax.tasks import grpo
+    from medvl_jax.train import cli
+
+    assert rewards.import_reward("tests.rewards.test_rewards:short_answer") is short_answer
+    for bad in ("tests.rewards.test_rewards", "tests.rewards.nope:f",
+                "tests.rewards.test_rewards:nope"):
+        with pytest.raises(ValueError, match="reward"):
+            rewards.import_reward(bad)
+
+    config = ml_collections.ConfigDict(
+        config_lib.load_config("configs/medsynth_sft.py:smoke", {}).to_dict())
+    del config["sft"]
+    config.task = "grpo"
+    config.grpo = grpo.default_config()
+    config.grpo.update(group_size=2, rewards={"accuracy": 1.0, "short": 0.5},
+                       reward_functions={"short": "tests.rewards.test_rewards:short_answer"})
+    cli.validate(config)
+    task = grpo.GRPOTask(config, pipeline.make_tokenizer(config.tokenizer))
+    total, parts = task.reward_fn.components(["q", "q"], ["yes", "maybe"],
+                                             answer=["yes", "yes"],
+                                             question_type=["closed", "closed"],
+                                             options=[[], []], completion_lengths=[1, 1])
+    assert parts["short"] == [1.0, 0.0] and parts["accuracy"] == [1.0, 0.0]
+    assert total == [1.5, 0.0]
+    config.grpo.reward_functions = {"accuracy": "tests.rewards.test_rewards:short_answer"}
+    with pytest.raises(ValueError, match="built-in"):
+        grpo.GRPOTask(config, pipeline.make_tokenizer(config.tokenizer))
