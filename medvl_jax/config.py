@@ -47,7 +47,11 @@ def _unknown_key(key: str, parent: ml_collections.ConfigDict, full: str) -> KeyE
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    """Sets ``config.<dotted> = value``, checking that the key exists and the type fits."""
+    """Sets ``config.<dotted> = value``, checking that the key exists and the type fits.
+
+    A model field the config file leaves out (``model.text.dropout``, say) exists too: the
+    model dataclasses name the fields of ``model``, ``model.vision`` and ``model.text``.
+    """
     *parents, last = dotted.split(".")
     node = config
     for i, key in enumerate(parents):
@@ -55,7 +59,12 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, value) -> Non
             raise _unknown_key(key, node, ".".join(parents[:i + 1]))
         node = node[key]
     if last not in node:
-        raise _unknown_key(last, node, dotted)
+        from medvl_jax.models import from_config
+
+        if last not in from_config.model_fields(".".join(parents)):
+            raise _unknown_key(last, node, dotted)
+        node[last] = value  # A model field at its default so far: no type to check against.
+        return
     old = node[last]
     if isinstance(value, str) and not isinstance(old, str) and old is not None:
         raise ValueError(f"--config.{dotted}={value!r}: expected a {type(old).__name__}")

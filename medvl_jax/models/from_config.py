@@ -35,6 +35,21 @@ def dataclass_from_dict(cls, values: Mapping[str, Any], where: str):
     return cls(**kwargs)
 
 
+def model_fields(section: str) -> set[str]:
+    """Field names a config may set in ``section`` ("model", "model.vision", "model.text"),
+    over every model family (VLM and two-tower); empty for any other section. They let
+    ``--config.model.text.X=...`` set a field the config file leaves at its default."""
+    from medvl_jax.models.text_encoder import TextEncoderConfig
+    from medvl_jax.models.two_tower import TwoTowerConfig
+
+    classes = {"model": (VLMConfig, TwoTowerConfig), "model.vision": (VisionConfig,),
+               "model.text": (DecoderConfig, TextEncoderConfig)}.get(section, ())
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    if section == "model":
+        names -= {"vision", "text", "image_token_id"}  # Sections, or set from the tokenizer.
+    return names
+
+
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
     """``n`` rounded up to a multiple of ``multiple``, so the vocabulary axis shards evenly."""
     return -(-n // multiple) * multiple

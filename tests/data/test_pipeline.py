@@ -185,3 +185,21 @@ def test_config_override_typo_is_named():
         config_lib.apply_override(cfg, "data.batch_size", "four")
     config_lib.apply_override(cfg, "data.template", "chatml")
     assert cfg.data.template == "chatml"
+
+
+def test_config_override_sets_a_model_field_the_file_leaves_out():
+    """``model.*`` fields at their dataclass default are overridable; typos still fail."""
+    from medvl_jax.models import from_config
+    from medvl_jax.models.decoder import DecoderConfig
+
+    cfg = config_lib.load_config("configs/medsynth_sft.py:smoke",
+                                 [("model.text.qk_norm", True),
+                                  ("model.image_bidirectional", True)])
+    assert "qk_norm" not in config_lib.load_config_file("configs/medsynth_sft.py:smoke").model.text
+    assert cfg.model.text.qk_norm is True and cfg.model.image_bidirectional is True
+    vlm = from_config.vlm_config(cfg.model, vocab_size=100, image_token_id=3)
+    assert vlm.text.qk_norm is True and DecoderConfig.qk_norm is False
+    with pytest.raises(KeyError, match="model.text.qk_nrom"):
+        config_lib.load_config("configs/medsynth_sft.py:smoke", [("model.text.qk_nrom", True)])
+    with pytest.raises(KeyError, match="data.qk_norm"):
+        config_lib.load_config("configs/medsynth_sft.py:smoke", [("data.qk_norm", True)])
