@@ -110,17 +110,28 @@ def _check_batch(batch_size: int, dp: int, grad_accum: int, mesh) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    grad_accum: int, mesh=None) -> Callable:
+                    grad_accum: int, mesh=None, labels=None) -> Callable:
     """The (unjitted) step ``(state, batch, base_rng) -> (state, metrics)``.
 
     With ``grad_accum = k`` the batch is split into k equal microbatches, taken with stride k
     (rows i, i+k, ...) so that each one stays spread over all data-parallel devices; loss,
     metrics and gradients are averaged over a ``lax.scan``. The update is skipped (state kept,
     counters raised) when the loss or gradient norm is not finite.
+
+    ``labels`` (:func:`optim.param_labels`): parameters labelled "frozen" are behind a
+    ``stop_gradient``, so their weight gradients are never computed (a LoRA run does not pay
+    for the base's) and ``grad_norm`` is the norm of the trainable gradients, the one clipped.
     """
+    frozen = (None if labels is None or "frozen" not in jax.tree.leaves(labels)
+              else jax.tree.map(lambda label: label == "frozen", labels))
 
     def loss_and_grad(params, batch, rng):
-        (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+        def loss_fn(p):
+            if frozen is not None:
+                p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
+            return task.loss(p, batch, rng)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, aux, grads
 
     def split(x):
@@ -292,7 +303,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = rules_lib.replicated(mesh)
     step_jit = jax.jit(
-        make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh),
+        make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh,
+                        labels=optim.param_labels(params_shape, oc)),
         in_shardings=(shardings, batch_sharding, replicated),
         out_shardings=(shardings, replicated), donate_argnums=(0,))
     step_fn = None

@@ -1,7 +1,8 @@
 """Optimizers from config: AdamW, warmup + cosine/linear/constant, clipping, freezing, groups.
 
-Order of operations on the gradients: frozen parameters' gradients are zeroed, the rest are
-clipped by their global norm, then each group's AdamW (its own learning-rate multiplier)
+Order of operations on the gradients: frozen parameters' gradients are zeroed (the train step
+does not even compute them: loop.make_train_step puts frozen parameters behind a
+stop_gradient), the rest are clipped by their global norm, then each group's AdamW (its own learning-rate multiplier)
 updates its parameters. Frozen parameters get no optimizer state and stay bit-identical.
 Weight decay is decoupled (AdamW) and only applies to matrices and higher (ndim > 1), so
 norm scales and biases are never decayed.

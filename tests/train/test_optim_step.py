@@ -66,6 +66,31 @@ def test_adamw_first_step_and_freezing():
         optim.make_optimizer(_cfg(freeze="^nothing$"), PARAMS, 10)
 
 
+def test_frozen_params_get_no_gradient_and_grad_norm_is_the_clipped_one():
+    """With ``b`` frozen, grad_norm is |dL/dw| (the norm clipping sees, hand formula), and
+    dL/db is not computed: the step has one reduction fewer."""
+    c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=1e-3, freeze="^b$")
+    tx, sched = optim.make_optimizer(c, PARAMS, 10)
+    labels = optim.param_labels(PARAMS, c)
+    step = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1, labels=labels))
+    batch = _data()
+    new, m = step(_state(PARAMS, tx), batch, jax.random.key(0))
+    x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+    resid = x @ np.ones((3, 2)) - y  # b = 0.
+    g_w = 2 * x.T @ resid / resid.size
+    assert float(m["grad_norm"]) == pytest.approx(np.linalg.norm(g_w), rel=1e-5)
+    unfrozen = jax.jit(loop.make_train_step(LinearTask(), tx, sched, 1))
+    _, m_all = unfrozen(_state(PARAMS, tx), batch, jax.random.key(0))
+    assert float(m_all["grad_norm"]) > float(m["grad_norm"])  # It counted dL/db too.
+    np.testing.assert_array_equal(new.params["b"], PARAMS["b"])
+    # dL/db = sum of the residuals over the batch is a reduce_sum the frozen step lacks.
+    jaxpr = str(jax.make_jaxpr(loop.make_train_step(LinearTask(), tx, sched, 1, labels=labels))(
+        _state(PARAMS, tx), batch, jax.random.key(0)))
+    assert jaxpr.count("reduce_sum") < str(jax.make_jaxpr(
+        loop.make_train_step(LinearTask(), tx, sched, 1))(
+            _state(PARAMS, tx), batch, jax.random.key(0))).count("reduce_sum")
+
+
 def test_lr_groups_scale_the_update():
     c = _cfg(lr=0.01, warmup_steps=0, schedule="constant", clip_norm=0.0, lr_groups={"^b$": 0.5})
     tx, sched = optim.make_optimizer(c, PARAMS, 10)
