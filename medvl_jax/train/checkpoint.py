@@ -10,9 +10,12 @@ arrays.
 """
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -56,12 +59,32 @@ class CheckpointManager:
 
     def restore(self, step: int, target: Any, data_iter) -> tuple[Any, dict]:
         """The state (placed as ``target``'s shardings say) and metadata; ``data_iter`` is set
-        to the saved position in place."""
+        to the saved position in place.
+
+        The data position is per process, so a run resumes with the process count that saved
+        it (the mesh and device count may differ); another count is a ValueError saying so.
+        """
+        saved = self.data_process_count(step)
+        if saved is not None and saved != jax.process_count():
+            raise ValueError(
+                f"checkpoint {self._mngr.directory}/{step} was written by {saved} process(es), "
+                f"each saving its own data-iterator position; this run has "
+                f"{jax.process_count()}. Resume with {saved} process(es) (any device count and "
+                f"mesh), or train in a new workdir")
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data=grain.checkpoint.CheckpointRestore(data_iter),
             meta=ocp.args.JsonRestore()))
         return out.state, out.meta
+
+    def data_process_count(self, step: int) -> int | None:
+        """How many processes saved ``step``'s data-iterator state (from its file names), or
+        None if that cannot be told."""
+        data_dir = os.path.join(str(self._mngr.directory), str(step), "data")
+        counts = {int(m.group(1)) for name in (os.listdir(data_dir) if os.path.isdir(data_dir)
+                                               else ())
+                  for m in [re.fullmatch(r"process_\d+-of-(\d+)\.json", name)] if m}
+        return counts.pop() if len(counts) == 1 else None
 
     def restore_state(self, step: int, target: Any = None) -> Any:
         """Only the train state (for evaluation or export); without a ``target``, as saved."""
@@ -71,8 +94,6 @@ class CheckpointManager:
     def restore_params(self, step: int, target: Any) -> Any:
         """Only ``state.params`` (shaped and placed as ``target`` says); the optimizer state
         stays on disk (for export and evaluation)."""
-        import jax
-
         wanted = {"params": target}
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None)), wanted)

@@ -109,6 +109,10 @@ def main(argv=None) -> int:
             fresh = "^(?!vision/)"  # Everything but the tower starts from its random init.
             print(f"vision tower from {vision_init}")
     results = loop.train(config, args.workdir, task, pretrained=weights, fresh=fresh)
+    import jax
+
+    if jax.process_index() != 0:  # Every process evaluated (SPMD); the first one reports.
+        return 0
     print_table(results)
     if hasattr(task, "report"):  # A task's own results table (contrastive).
         task.report(results, args.workdir)

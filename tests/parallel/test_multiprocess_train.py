@@ -10,13 +10,16 @@ over devices of both processes and each process feeds half of every batch. Check
   gathers, the contrastive loss's ring over all four devices) span both processes;
 * the two processes wrote one checkpoint together: one step directory, files of both
   processes in its state, one data-iterator state file per process;
-* that checkpoint restores in this (single) process, on another device count, with the same
-  reader export and evaluation use (``convert.workdir.restore_params``), and its parameters
-  equal the one-process run's at the same step (rtol 1e-5; attention key biases, whose
+* resuming that checkpoint in one process is refused with an error naming both counts (the
+  data position is per process);
+* its parameters restore in this (single) process, on another device count, with the reader
+  export and evaluation use (``convert.workdir.restore_params``), and equal the one-process
+  run's at the same step (rtol 1e-5; attention key biases, whose
   gradient is zero, only hold rounding noise and are checked to stay at that level).
 
 Cases: SFT (configs/medsynth_sft.py:smoke) and the contrastive task with its sharded sigmoid
-loss (configs/medsynth_siglip.py:smoke). Three steps each, one layer per tower, evaluation off.
+loss (configs/medsynth_siglip.py:smoke). Three steps each, one layer per tower; the SFT case
+also evaluates on one test study.
 """
 import json
 import os
@@ -26,8 +29,10 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from medvl_jax.convert import workdir as workdir_lib
+from medvl_jax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 3
@@ -77,7 +82,7 @@ def _run_both(tmp_path, config: str, extra: list[str]) -> tuple[str, str]:
     for rank in range(2):
         assert f"[{rank}] jax.distributed: process {rank} of 2, 2 of 4 devices here" \
             in outs["2 processes"], outs["2 processes"][-3000:]
-    return multi, single
+    return multi, single, outs["2 processes"]
 
 
 def _metrics(workdir: str) -> dict[str, list[float]]:
@@ -87,8 +92,9 @@ def _metrics(workdir: str) -> dict[str, list[float]]:
     return {k: [r[k] for r in rows] for k in ("loss", "grad_norm")}
 
 
-def _check(tmp_path, config: str, extra: list[str]) -> None:
-    multi, single = _run_both(tmp_path, config, extra)
+def _check(tmp_path, config: str, extra: list[str]) -> tuple[str, str, str]:
+    """Runs both and checks them; returns the two workdirs and the two-process output."""
+    multi, single, out = _run_both(tmp_path, config, extra)
 
     # Same training, step by step.
     a, b = _metrics(multi), _metrics(single)
@@ -111,6 +117,12 @@ def _check(tmp_path, config: str, extra: list[str]) -> None:
         files = [f for f in state_files if f"process_{rank}" in f]
         assert files, f"process {rank} wrote nothing into {step_dir}/state"
 
+    # Resuming it in one process would misplace the data: refused, naming both counts.
+    manager = ckpt_lib.CheckpointManager(ckpts, async_save=False)
+    assert manager.data_process_count(STEPS) == 2
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\).*this run has 1"):
+        manager.restore(STEPS, None, None)
+
     # ... which restores in this one process (its own device count) to the one-process run's
     # parameters at the same step.
     _, _, got, step = workdir_lib.restore_params(multi)
@@ -127,14 +139,24 @@ def _check(tmp_path, config: str, extra: list[str]) -> None:
             assert max(np.abs(x).max(), np.abs(y).max()) < 1e-5, name
             continue
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
+    return multi, single, out
 
 
 # One layer per tower instead of the smoke configs' 2-4: compilation is most of each run, and
 # this makes the two cases about 40% faster; nothing checked depends on the depth.
 def test_sft_two_processes_match_one(tmp_path):
-    _check(tmp_path, "configs/medsynth_sft.py:smoke",
-           ["--config.sft.eval_studies=0", "--config.model.vision.depth=1",
-            "--config.model.text.num_layers=1"])
+    """... and the end-of-run evaluation: both processes take part, process 0 alone prints
+    and writes results.json, which holds the one-process run's answers."""
+    multi, single, out = _check(tmp_path, "configs/medsynth_sft.py:smoke",
+                                ["--config.sft.eval_studies=1", "--config.model.vision.depth=1",
+                                 "--config.model.text.num_layers=1"])
+    assert out.count("results written to") == 1 and "[0] results written to" in out, out[-3000:]
+    results = []
+    for workdir in (multi, single):
+        with open(os.path.join(workdir, "results.json")) as f:
+            results.append(json.load(f))
+    assert results[0]["num_questions"] == results[1]["num_questions"] > 0
+    assert results[0]["per_type"] == results[1]["per_type"]
 
 
 def test_contrastive_sharded_loss_two_processes_match_one(tmp_path):
