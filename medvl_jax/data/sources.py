@@ -238,19 +238,32 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+REPORT_PROMPTS = {"cxr": "Write the report of this chest radiograph.",
+                  "longitudinal": "Write the report of the current study, compared with the prior.",
+                  "ct": "Write the report of this chest CT."}
+
+
 def medsynth_to_example(record: dict, rng: np.random.Generator, *, qa_per_example: int = 1,
                         question_types: Sequence[str] | None = None) -> dict:
     """One MedSynth study → an example with ``qa_per_example`` question/answer turns.
 
     The QA items are drawn without replacement with ``rng`` (so every epoch sees other questions
-    of the same study); ``question_types`` restricts them to those types. Works on records from
-    :class:`~medvl_jax.data.medsynth.MedSynthSource` and from the TFDS build (bytes, JSON).
+    of the same study); ``question_types`` restricts them to those types. The type "report"
+    (never drawn unless named) is the study's report as the answer to :data:`REPORT_PROMPTS`:
+    every finding, its side and zone, named from the pixels alone, which teaches a model trained
+    from scratch to see them faster than questions whose answer also depends on the question's
+    words. Works on records from :class:`~medvl_jax.data.medsynth.MedSynthSource` and from the
+    TFDS build (bytes, JSON).
     """
     qa = record["qa"]
     if isinstance(qa, (str, bytes)):
         qa = json.loads(_text(qa))
     if question_types:
         qa = [q for q in qa if q["type"] in question_types]
+        if "report" in question_types:
+            kind = _text(record["kind"])
+            qa.append({"question": REPORT_PROMPTS[kind], "answer": _text(record["report"]),
+                       "type": "report", "template": f"{kind}.report"})
     sid = _text(record["id"])
     if not qa:
         raise DataError(f"no questions of types {list(question_types or [])}", where=sid,

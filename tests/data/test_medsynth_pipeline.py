@@ -66,6 +66,27 @@ def test_tfds_build_matches_the_direct_source(tmp_path, tokenizer):
     assert json.loads(rec["qa"].decode()) == ref["qa"]
     ex = sources.medsynth_to_example(rec, np.random.default_rng(0))
     assert ex["messages"][1]["content"] in [q["answer"] for q in ref["qa"]]
+    ex = sources.medsynth_to_example(rec, np.random.default_rng(0), question_types=("report",))
+    assert ex["messages"][1]["content"] == ref["report"]
+
+
+def test_report_turns():
+    """question_types "report": the study's own report answers the report prompt, beside the
+    other types asked for; without it no report turn is ever drawn."""
+    src = medsynth.MedSynthSource(medsynth.MedSynthConfig(kind="cxr", num_studies=4,
+                                                          image_size=32))
+    for i in range(4):
+        rec = src[i]
+        ex = sources.medsynth_to_example(rec, np.random.default_rng(i), qa_per_example=20,
+                                         question_types=("closed", "report"))
+        asked = [m["content"].removeprefix("<image>\n") for m in ex["messages"][0::2]]
+        closed = [q for q in rec["qa"] if q["type"] == "closed"]
+        assert len(asked) == len(closed) + 1
+        assert sources.REPORT_PROMPTS["cxr"] in asked
+        answers = [m["content"] for m in ex["messages"][1::2]]
+        assert answers[asked.index(sources.REPORT_PROMPTS["cxr"])] == rec["report"]
+        every = sources.medsynth_to_example(rec, np.random.default_rng(i), qa_per_example=50)
+        assert sources.REPORT_PROMPTS["cxr"] not in str(every["messages"])
 
 
 def test_inspect_cli(tmp_path):
