@@ -96,10 +96,12 @@ def make_optimizer(c, params, total_steps: int
     used = set(jax.tree.leaves(labels))
     if c.freeze and "frozen" not in used:
         raise ValueError(f"optim.freeze={c.freeze!r} matches no parameter")
+    # A group pattern must name some parameter (a typo fails); one whose parameters are all
+    # frozen (a LoRA run of a config with groups) or taken by an earlier pattern is fine.
+    names = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for i, pattern in enumerate(dict(c.lr_groups)):
-        if f"g{i}" not in used:
-            raise ValueError(f"optim.lr_groups pattern {pattern!r} matches no parameter (or "
-                             f"only frozen ones, or ones an earlier pattern took)")
+        if f"g{i}" not in used and not any(re.search(pattern, n) for n in names):
+            raise ValueError(f"optim.lr_groups pattern {pattern!r} matches no parameter")
     # Frozen gradients are zeroed before clipping, so they do not count in the global norm.
     zero_frozen = optax.multi_transform(
         {k: optax.set_to_zero() if k == "frozen" else optax.identity() for k in transforms},

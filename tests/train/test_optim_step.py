@@ -99,6 +99,10 @@ def test_lr_groups_scale_the_update():
         _state(PARAMS, tx), batch, jax.random.key(0))
     g = jax.grad(lambda p: LinearTask().loss(p, batch, None)[0])(PARAMS)
     np.testing.assert_allclose(new.params["b"], -0.005 * np.sign(g["b"]), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"'\^c\$' matches no parameter"):
+        optim.make_optimizer(_cfg(lr_groups={"^c$": 0.5}), PARAMS, 10)
+    # A group whose parameters are all frozen (LoRA on a config with groups) is no error.
+    optim.make_optimizer(_cfg(freeze="^b$", lr_groups={"^b$": 0.5}), PARAMS, 10)
 
 
 def test_grad_accumulation_equals_one_big_batch():
