@@ -152,8 +152,9 @@ def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, caps
     assert med["conditions"]["real"]["overall"] == expected["overall"]
     files = summary["files"]["predictions"]
     rows = _rows(os.path.join(out, files["medsynth"]["real"]))
-    assert [{k: r[k] for k in ("id", "type", "prediction", "answer", "score")}
-            for r in rows] == expected["predictions"]
+    keys = ("id", "type", "prediction", "answer", "score")
+    assert [{k: r[k] for k in keys} for r in rows] == [{k: p[k] for k in keys}
+                                                       for p in expected["predictions"]]
     assert all(r["protocol"] == "medsynth" and r["version"] == "1" for r in rows)
     # One generation serves both protocols; the strict rule scores it.
     strict = _rows(os.path.join(out, "predictions_medsynth_test_llava_med_strict_real.jsonl"))
