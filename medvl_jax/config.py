@@ -49,7 +49,7 @@ def _unknown_key(key: str, parent: ml_collections.ConfigDict, full: str) -> KeyE
 def apply_override(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     """Sets ``config.<dotted> = value``, checking that the key exists and the type fits.
 
-    A model field the config file leaves out (``model.text.dropout``, say) exists too: the
+    A model field the config file leaves out (``model.text.qk_norm``, say) exists too: the
     model dataclasses name the fields of ``model``, ``model.vision`` and ``model.text``.
     """
     *parents, last = dotted.split(".")

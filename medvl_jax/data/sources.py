@@ -249,11 +249,9 @@ def medsynth_to_example(record: dict, rng: np.random.Generator, *, qa_per_exampl
 
     The QA items are drawn without replacement with ``rng`` (so every epoch sees other questions
     of the same study); ``question_types`` restricts them to those types. The type "report"
-    (never drawn unless named) is the study's report as the answer to :data:`REPORT_PROMPTS`:
-    every finding, its side and zone, named from the pixels alone, which teaches a model trained
-    from scratch to see them faster than questions whose answer also depends on the question's
-    words. Works on records from :class:`~medvl_jax.data.medsynth.MedSynthSource` and from the
-    TFDS build (bytes, JSON).
+    (never drawn unless named) is the study's report as the answer to :data:`REPORT_PROMPTS`
+    (report generation). Works on records from
+    :class:`~medvl_jax.data.medsynth.MedSynthSource` and from the TFDS build (bytes, JSON).
     """
     qa = record["qa"]
     if isinstance(qa, (str, bytes)):

@@ -99,6 +99,5 @@ def combine(rewards_config: Mapping[str, float],
 
 __all__ = ["AccuracyConfig", "Combined", "accuracy_reward", "answer_format_reward", "available",
            "choice_letter", "combine", "extract_answer", "format_reward", "import_reward",
-           "is_correct",
-           "length_penalty", "make_accuracy_reward", "make_length_penalty", "parse_count",
-           "parse_size_mm", "yes_no"]
+           "is_correct", "length_penalty", "make_accuracy_reward", "make_length_penalty",
+           "parse_count", "parse_size_mm", "yes_no"]

@@ -10,6 +10,7 @@ arrays.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 from typing import Any
@@ -80,10 +81,8 @@ class CheckpointManager:
     def data_process_count(self, step: int) -> int | None:
         """How many processes saved ``step``'s data-iterator state (from its file names), or
         None if that cannot be told."""
-        data_dir = os.path.join(str(self._mngr.directory), str(step), "data")
-        counts = {int(m.group(1)) for name in (os.listdir(data_dir) if os.path.isdir(data_dir)
-                                               else ())
-                  for m in [re.fullmatch(r"process_\d+-of-(\d+)\.json", name)] if m}
+        pattern = os.path.join(str(self._mngr.directory), str(step), "data", "process_*-of-*.json")
+        counts = {int(re.search(r"-of-(\d+)\.json$", f).group(1)) for f in glob.glob(pattern)}
         return counts.pop() if len(counts) == 1 else None
 
     def restore_state(self, step: int, target: Any = None) -> Any:

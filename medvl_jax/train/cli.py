@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import jax
 import ml_collections
 
 from medvl_jax import config as config_lib
@@ -109,8 +110,6 @@ def main(argv=None) -> int:
             fresh = "^(?!vision/)"  # Everything but the tower starts from its random init.
             print(f"vision tower from {vision_init}")
     results = loop.train(config, args.workdir, task, pretrained=weights, fresh=fresh)
-    import jax
-
     if jax.process_index() != 0:  # Every process evaluated (SPMD); the first one reports.
         return 0
     print_table(results)

@@ -2,10 +2,10 @@
 
 Order of operations on the gradients: frozen parameters' gradients are zeroed (the train step
 does not even compute them: loop.make_train_step puts frozen parameters behind a
-stop_gradient), the rest are clipped by their global norm, then each group's AdamW (its own learning-rate multiplier)
-updates its parameters. Frozen parameters get no optimizer state and stay bit-identical.
-Weight decay is decoupled (AdamW) and only applies to matrices and higher (ndim > 1), so
-norm scales and biases are never decayed.
+stop_gradient), the rest are clipped by their global norm, then each group's AdamW (its own
+learning-rate multiplier) updates its parameters. Frozen parameters get no optimizer state and
+stay bit-identical. Weight decay is decoupled (AdamW) and only applies to matrices and higher
+(ndim > 1), so norm scales and biases are never decayed.
 
 Gradient accumulation (``grad_accum = k``) is not an optimizer wrapper: the train step splits
 its batch into k equal microbatches and scans over them (loop.make_train_step), so one step
