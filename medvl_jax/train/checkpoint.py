@@ -42,8 +42,9 @@ class CheckpointManager:
     """A thin wrapper naming the three items, so the loop reads as save/restore."""
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+        # Orbax refuses relative paths; a user's ``--checkpoint runs/sft`` is one.
         self._mngr = ocp.CheckpointManager(
-            directory, item_names=("state", "data", "meta"),
+            os.path.abspath(directory), item_names=("state", "data", "meta"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=async_save))
 

@@ -3,6 +3,7 @@ the same logits; generate and to_hf accept a workdir; unexportable layouts fail 
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -32,6 +33,15 @@ def trained(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
     assert cli.main(["--config", SMOKE, "--workdir", wd] + RUN) == 0
     return wd
+
+
+def test_restore_params_from_a_relative_workdir(trained, monkeypatch):
+    _, _, absolute, _ = workdir.restore_params(trained)
+    monkeypatch.chdir(os.path.dirname(trained))
+    _, _, relative, step = workdir.restore_params(os.path.basename(trained))
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(relative["decoder"]["embedding"]),
+                                  np.asarray(absolute["decoder"]["embedding"]))
 
 
 def _inputs(config, vocab: int, rng):
