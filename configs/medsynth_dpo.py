@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.max_length = 128                 # 64 image tokens + one question and answer.
     c.data.template = "gemma"               # As the SFT run.
+    c.data.prefix_lm = True                 # As the SFT run.
 
     c.dpo = dpo.default_config()
     c.dpo.beta = 0.1

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.max_length = 128                 # Prompt tokens (left-padded).
     c.data.template = "gemma"               # As the SFT run.
+    c.data.prefix_lm = True                 # As the SFT run.
 
     c.grpo = grpo.default_config()
     c.grpo.group_size = 4

@@ -147,9 +147,12 @@ def _check(tmp_path, config: str, extra: list[str]) -> tuple[str, str, str]:
 def test_sft_two_processes_match_one(tmp_path):
     """... and the end-of-run evaluation: both processes take part, process 0 alone prints
     and writes results.json, which holds the one-process run's answers."""
+    # Unpacked: each process packs the examples it reads into its own rows, so packed rows
+    # (the main config's) differ between a two-process and a one-process run.
     multi, single, out = _check(tmp_path, "configs/medsynth_sft.py:smoke",
                                 ["--config.sft.eval_studies=1", "--config.model.vision.depth=1",
-                                 "--config.model.text.num_layers=1"])
+                                 "--config.model.text.num_layers=1", "--config.data.pack=False",
+                                 "--config.data.qa_per_example=2", "--config.data.max_images=2"])
     assert out.count("results written to") == 1 and "[0] results written to" in out, out[-3000:]
     results = []
     for workdir in (multi, single):

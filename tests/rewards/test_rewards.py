@@ -113,6 +113,7 @@ def test_reward_from_a_module():
         config_lib.load_config("configs/medsynth_sft.py:smoke", {}).to_dict())
     del config["sft"]
     config.task = "grpo"
+    config.data.pack = False  # GRPO builds its own batches.
     config.grpo = grpo.default_config()
     config.grpo.update(group_size=2, rewards={"accuracy": 1.0, "short": 0.5},
                        reward_functions={"short": "tests.rewards.test_rewards:short_answer"})
