@@ -75,7 +75,6 @@ def restore_params(workdir: str, step: int | None = None):
     """
     import flax.linen as nn
 
-    from medvl_jax.data import pipeline
     from medvl_jax.train import checkpoint as ckpt_lib
     from medvl_jax.train import cli
 
@@ -86,7 +85,7 @@ def restore_params(workdir: str, step: int | None = None):
     config = _saved_config(manager, step)
     if config.get("task") not in cli.TASKS:
         raise CheckpointError(f"{workdir}: unknown task {config.get('task')!r}")
-    task = cli.TASKS[config.task][0](config, pipeline.make_tokenizer(config.tokenizer))
+    task = cli.TASKS[config.task][0](config, cli.make_tokenizer(config))
     shapes = nn.unbox(jax.eval_shape(task.init, jax.random.key(0), task.dummy_batch(1)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),

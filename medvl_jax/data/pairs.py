@@ -117,7 +117,7 @@ def caption_from_labels(labels: Mapping[str, bool] | Sequence[str] | str,
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: records → pairs {"id", "image" (array or path), "text", "modality"}.
+# Sources: records → pairs {"id", "image" (array or path), "text" | "labels", "modality"}.
 # --------------------------------------------------------------------------------------------
 
 class JsonlPairs:
@@ -197,8 +197,20 @@ def medsynth_pair(record: dict, rng: np.random.Generator, *, sentences: int) -> 
             "text": sample_text(record["report"], rng, sentences)}
 
 
-def build_source(name: str, spec: Mapping, split: str, sentences: int) -> PairSource:
-    """One entry of ``data.sources`` for ``split`` as a :class:`PairSource`."""
+def medsynth_label_pair(record: dict, rng: np.random.Generator) -> dict:
+    """A MedSynth study → an image–labels pair (:func:`medsynth_labels`, regional too)."""
+    del rng
+    if record["kind"] == "longitudinal":
+        raise DataError("longitudinal studies (two images) are not image-label pairs; use "
+                        "medsynth_kind cxr or ct", where=record["id"], reason="bad_config")
+    return {"id": record["id"], "image": record["image"], "modality": record["modality"],
+            "labels": medsynth_labels(record, regional=True)}
+
+
+def build_source(name: str, spec: Mapping, split: str, sentences: int, *,
+                 labels: bool = False) -> PairSource:
+    """One entry of ``data.sources`` for ``split`` as a :class:`PairSource`: image–text pairs,
+    or with ``labels`` image–labels pairs (MedSynth findings, label JSONL files)."""
     spec = dict(spec)
     kind = spec.get("kind")
     if kind not in _FIELDS:
@@ -209,6 +221,14 @@ def build_source(name: str, spec: Mapping, split: str, sentences: int) -> PairSo
         raise ValueError(f"data.sources.{name}: unknown field(s) {sorted(unknown)} for a {kind} "
                          f"source; allowed: {sorted(_FIELDS[kind])}")
     weight = float(spec.get("weight", 1.0))
+    if labels:
+        if kind == "pairs":
+            raise ValueError(f"data.sources.{name} is an image-text (pairs) source; "
+                             f"classification needs labels: a medsynth or labels source")
+        if kind == "medsynth":
+            return PairSource(name, medsynth_records(spec, split), medsynth_label_pair, weight)
+        src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True)
+        return PairSource(name, src, lambda r, rng: r, weight)
     if kind == "medsynth":
         src = medsynth_records(spec, split)
         return PairSource(name, src, lambda r, rng: medsynth_pair(r, rng, sentences=sentences),
@@ -254,18 +274,42 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
     return tokens, mask
 
 
+def label_vector(labels: Mapping[str, bool] | Sequence[str] | str, names: Sequence[str],
+                 where: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """``(values float32 [K], known bool [K])`` of ``labels`` over ``names``.
+
+    A dict says present/absent for the names it has and nothing about the others (unknown,
+    masked out of the loss); a list (or one string) names the labels present, all others are
+    absent. Names outside ``names`` are ignored."""
+    values = np.zeros(len(names), np.float32)
+    if isinstance(labels, Mapping):
+        known = np.zeros(len(names), bool)
+        for i, name in enumerate(names):
+            if name in labels:
+                v = labels[name]
+                if not isinstance(v, (bool, np.bool_, int)):
+                    raise DataError(f"label {name!r}: value must be a bool, got {v!r}",
+                                    where=where, reason="bad_record")
+                values[i], known[i] = float(bool(v)), True
+        return values, known
+    present = {labels} if isinstance(labels, str) else {str(x) for x in labels}
+    for i, name in enumerate(names):
+        values[i] = float(name in present)
+    return values, np.ones(len(names), bool)
+
+
 @dataclasses.dataclass
 class PairFeaturizer:
-    """One pair → ``{"images", "tokens", "input_mask"}`` of fixed shapes (no batch axis)."""
+    """One pair → ``{"images", "tokens", "input_mask"}`` of fixed shapes (no batch axis), or
+    with ``label_names`` ``{"images", "labels", "label_mask"}``."""
     cfg: Any          # the data section
     tokenizer: Any
     train: bool
+    label_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.ops = pipeline.image_ops(self.cfg, train=self.train)
-        c = self.cfg
-        spatial = tuple(c.volume_shape) if c.volume_shape is not None else (c.image_size,) * 2
-        self.image_shape = spatial + (c.channels,)
+        self.image_shape = image_shape(self.cfg)
 
     def image(self, pair: dict, rng: np.random.Generator | None) -> np.ndarray:
         """The preprocessed image of a pair."""
@@ -279,6 +323,9 @@ class PairFeaturizer:
         return img.astype(np.float32)
 
     def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
+        if self.label_names:
+            values, known = label_vector(pair["labels"], self.label_names, pair["id"])
+            return {"images": self.image(pair, rng), "labels": values, "label_mask": known}
         tokens, mask = tokenize(self.tokenizer, [pair["text"]], self.cfg.max_length)
         return {"images": self.image(pair, rng), "tokens": tokens[0], "input_mask": mask[0]}
 
@@ -296,14 +343,15 @@ def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
 
 
 def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
-                 skips: SkipCounter | None = None) -> grain.MapDataset:
+                 skips: SkipCounter | None = None, labels: bool = False) -> grain.MapDataset:
     """The infinite, mixed MapDataset of pairs (before sharding and featurising): each source
     shuffled (reshuffled every epoch) and repeated with its own seed, texts sampled with the
-    element's rng. Element ``e * len(source) + j`` of a single source is epoch ``e``."""
+    element's rng (``labels``: image–labels pairs instead). Element ``e * len(source) + j`` of
+    a single source is epoch ``e``."""
     parts, weights = [], []
     guard = skips if cfg.skip_bad_examples else None
     for i, (name, spec) in enumerate(sorted(dict(cfg.sources).items())):
-        src = build_source(name, spec, split, sentences)
+        src = build_source(name, spec, split, sentences, labels=labels)
         if len(src.records) == 0:
             raise ValueError(f"data.sources.{name} has no records")
         ds = grain.MapDataset.source(src.records)
@@ -317,17 +365,20 @@ def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
 
 def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
                    process_index: int = 0, process_count: int = 1,
-                   skips: SkipCounter | None = None):
+                   skips: SkipCounter | None = None, label_names: Sequence[str] = ()):
     """A grain iterator (``get_state`` / ``set_state``) over this process's batches of pairs
-    (``data.batch_size / process_count`` rows each)."""
+    (``data.batch_size / process_count`` rows each); with ``label_names``, of image–labels
+    pairs."""
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
                          f"{process_count} processes")
     if cfg.skip_bad_examples and skips is None:
         skips = SkipCounter()
     guard = skips if cfg.skip_bad_examples else None
-    featurize = PairFeaturizer(cfg, tokenizer, train=split == "train")
-    ds = pair_dataset(cfg, split=split, sentences=sentences, skips=skips)
+    featurize = PairFeaturizer(cfg, tokenizer, train=split == "train",
+                               label_names=tuple(label_names))
+    ds = pair_dataset(cfg, split=split, sentences=sentences, skips=skips,
+                      labels=bool(label_names))
     ds = ds[process_index::process_count]
     ds = ds.random_map(_guarded(lambda p, rng: p and featurize(p, rng), guard),
                        seed=cfg.seed + 2)
@@ -341,23 +392,69 @@ def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
 # Evaluation sets: MedSynth images, reports and finding labels.
 # --------------------------------------------------------------------------------------------
 
-def medsynth_labels(record: dict) -> dict[str, bool]:
+def image_shape(cfg) -> tuple[int, ...]:
+    """Shape of one preprocessed image of the data section ``cfg`` (no batch axis)."""
+    spatial = tuple(cfg.volume_shape) if cfg.volume_shape is not None else (cfg.image_size,) * 2
+    return spatial + (cfg.channels,)
+
+
+def check_images(cfg, vision) -> None:
+    """Raises ValueError naming the fields when the data section's images (2D or volumes,
+    size, channels) do not fit the vision tower config ``vision``."""
+    if cfg.volume_shape is None:
+        if vision.tubelet:
+            raise ValueError("model.vision.tubelet > 0 (volumes) but data.volume_shape is "
+                             "None (2D images)")
+        if cfg.image_size != vision.image_size:
+            raise ValueError(f"data.image_size={cfg.image_size} but model.vision.image_size="
+                             f"{vision.image_size}")
+    elif not vision.tubelet:
+        raise ValueError("data.volume_shape is set (volumes) but model.vision.tubelet is 0")
+    if cfg.channels != vision.num_channels:
+        raise ValueError(f"data.channels={cfg.channels} but model.vision.num_channels="
+                         f"{vision.num_channels}")
+
+
+def eval_source(sources, name: str, field: str) -> tuple[str, dict] | None:
+    """The MedSynth source of ``sources`` to evaluate on: the one named ``name`` (an error
+    naming ``field`` if it is not a MedSynth source), else the first by name; None if none."""
+    medsynth = {k: dict(v) for k, v in sorted(dict(sources).items()) if v["kind"] == "medsynth"}
+    if name:
+        if name not in medsynth:
+            raise ValueError(f"{field}={name!r} is not a MedSynth source of data.sources "
+                             f"({sorted(medsynth)})")
+        return name, medsynth[name]
+    return next(iter(medsynth.items()), None)
+
+
+def medsynth_labels(record: dict, *, regional: bool = False) -> dict[str, bool]:
     """Binary findings of a MedSynth study: cxr → nodule, effusion, cardiomegaly;
-    ct → nodule."""
+    ct → nodule. ``regional`` adds, for cxr, a nodule per lung zone (``nodule_right_upper``
+    ... ``nodule_left_lower``) and an effusion per side (``effusion_right``,
+    ``effusion_left``)."""
     f = json.loads(record["findings"])
     if f["kind"] == "cxr":
-        return {"nodule": f["nodule_count"] > 0, "effusion": f["effusion"] != "none",
-                "cardiomegaly": bool(f["cardiomegaly"])}
+        out = {"nodule": f["nodule_count"] > 0, "effusion": f["effusion"] != "none",
+               "cardiomegaly": bool(f["cardiomegaly"])}
+        if regional:
+            cells = {(n["side"], n["zone"]) for n in f["nodules"]}
+            for side in ("right", "left"):
+                for zone in ("upper", "middle", "lower"):
+                    out[f"nodule_{side}_{zone}"] = (side, zone) in cells
+            for side in ("right", "left"):
+                out[f"effusion_{side}"] = f["effusion"] in (side, "both")
+        return out
     if f["kind"] == "ct":
         return {"nodule": f["lesion_count"] > 0}
     raise DataError(f"no binary labels for MedSynth kind {f['kind']!r}", where=record["id"],
                     reason="bad_config")
 
 
-def medsynth_eval_set(cfg, spec: Mapping, split: str, num_studies: int) -> dict:
+def medsynth_eval_set(cfg, spec: Mapping, split: str, num_studies: int, *,
+                      regional: bool = False) -> dict:
     """The first ``num_studies`` MedSynth studies of ``split`` for evaluation:
     ``{"images": float32 [N, ...], "reports": [str], "labels": {name: bool [N]}}`` (images
-    preprocessed as at test time)."""
+    preprocessed as at test time; ``regional``: see :func:`medsynth_labels`)."""
     src = medsynth_records(spec, split, num_studies)
     feat = PairFeaturizer(cfg, None, train=False)
     images, reports, labels = [], [], {}
@@ -366,7 +463,7 @@ def medsynth_eval_set(cfg, spec: Mapping, split: str, num_studies: int) -> dict:
         images.append(feat.image({"id": rec["id"], "image": rec["image"],
                                   "modality": rec["modality"]}, None))
         reports.append(rec["report"])
-        for k, v in medsynth_labels(rec).items():
+        for k, v in medsynth_labels(rec, regional=regional).items():
             labels.setdefault(k, []).append(v)
     return {"images": np.stack(images), "reports": reports,
             "labels": {k: np.asarray(v, bool) for k, v in labels.items()}}

@@ -178,18 +178,7 @@ class ContrastiveTask:
         if d.max_length > mc.text.max_len:
             raise ValueError(f"data.max_length={d.max_length} (text tokens) exceeds "
                              f"model.text.max_len={mc.text.max_len}")
-        if d.volume_shape is None:
-            if mc.vision.tubelet:
-                raise ValueError("model.vision.tubelet > 0 (volumes) but data.volume_shape is "
-                                 "None (2D images)")
-            if d.image_size != mc.vision.image_size:
-                raise ValueError(f"data.image_size={d.image_size} but model.vision.image_size="
-                                 f"{mc.vision.image_size}")
-        elif not mc.vision.tubelet:
-            raise ValueError("data.volume_shape is set (volumes) but model.vision.tubelet is 0")
-        if d.channels != mc.vision.num_channels:
-            raise ValueError(f"data.channels={d.channels} but model.vision.num_channels="
-                             f"{mc.vision.num_channels}")
+        pairs.check_images(d, mc.vision)
         self.model = TwoTower(mc)
         self.mesh = None  # None: the mesh set while the loop traces the step.
         self._encoders = None
@@ -200,9 +189,7 @@ class ContrastiveTask:
 
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed image (no batch axis)."""
-        d = self.config.data
-        spatial = tuple(d.volume_shape) if d.volume_shape is not None else (d.image_size,) * 2
-        return spatial + (d.channels,)
+        return pairs.image_shape(self.config.data)
 
     def dummy_batch(self, batch_size: int) -> dict:
         """Zeros shaped like a real batch (for shape-only initialisation)."""
@@ -315,15 +302,8 @@ class ContrastiveTask:
     # ----------------------------------------------------------------------------------------
 
     def _eval_spec(self) -> tuple[str, dict] | None:
-        cc = self.config.contrastive
-        sources = sorted(dict(self.config.data.sources).items())
-        medsynth = {name: dict(spec) for name, spec in sources if spec["kind"] == "medsynth"}
-        if cc.eval_source:
-            if cc.eval_source not in medsynth:
-                raise ValueError(f"contrastive.eval_source={cc.eval_source!r} is not a MedSynth "
-                                 f"source of data.sources ({sorted(medsynth)})")
-            return cc.eval_source, medsynth[cc.eval_source]
-        return next(iter(medsynth.items()), None)
+        return pairs.eval_source(self.config.data.sources, self.config.contrastive.eval_source,
+                                 "contrastive.eval_source")
 
     def prompt_embeddings(self, params, finding: str) -> list[np.ndarray]:
         """``[absent [P0, E], present [P1, E]]``: the prompt-ensemble text embeddings of a

@@ -3,7 +3,10 @@
 The loss covers the tokens of ``loss_mask`` (assistant answers and their end-of-turn marker),
 normalised per token or per example (``config.sft.normalise``). Multi-stage recipes are
 configs: LLaVA-Med's alignment stage freezes everything but the projector
-(``config.optim.freeze = "^(vision|decoder)/"``), the next stage tunes more.
+(``config.optim.freeze = "^(vision|decoder)/"``), the next stage tunes more. The vision tower
+can start from another run (``sft.vision_init``: a contrastive or classify workdir, or a
+converted checkpoint) or from a config trained first in the same command
+(``sft.vision_stage``, see :mod:`medvl_jax.train.cli`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     # A vision tower to start from: a training workdir (e.g. a contrastive run) or a converted
     # checkpoint; the rest of the model is initialised fresh. Empty: from scratch.
     c.vision_init = ""
+    # Or a config ("path.py[:arg]", e.g. a classify or contrastive run) trained first into
+    # <workdir>/vision_stage, whose tower then starts this run: two stages, one command.
+    c.vision_stage = ""
     return c
 
 

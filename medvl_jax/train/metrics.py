@@ -74,7 +74,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Progress:
-    """A tqdm bar over steps with ETA; shows the latest loss."""
+    """A tqdm bar over steps with ETA; shows the latest loss and tokens/s (examples/s for a
+    task without tokens)."""
 
     def __init__(self, start: int, total: int, *, enabled: bool = True):
         self._bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, unit="step",
@@ -85,8 +86,9 @@ class Progress:
         self._bar.update(step - self._n)
         self._n = step
         if row:
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                  tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+            speed = ({"tok_s": f"{row['tokens_per_s']:.0f}"} if row.get("tokens_per_s")
+                     else {"ex_s": f"{row.get('examples_per_s', 0):.0f}"})
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", **speed)
 
     def close(self) -> None:
         self._bar.close()
