@@ -96,6 +96,13 @@ def _position_offset(config: ModelConfig) -> int:
     return config.position_offset if isinstance(config, VLMConfig) else 0
 
 
+def suppress_image_token(logits: jnp.ndarray, image_token_id: int) -> jnp.ndarray:
+    """``logits [..., V]`` with the image placeholder's set to -inf. A sampled placeholder would
+    be read back as an image slot by the next full forward pass (the trainer's log-probs of a
+    sampled completion), so a VLM's sampler and trainer both leave it out of the distribution."""
+    return logits.at[..., image_token_id].set(-jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def _generate(params, tokens, input_mask, mask_ar, images, rng, temperature, top_k, top_p,
               stop_tokens, pad_id, *, config: ModelConfig, max_new_tokens: int):
@@ -124,6 +131,8 @@ def _generate(params, tokens, input_mask, mask_ar, images, rng, temperature, top
     def body(state):
         t = state["t"]
         last = state["logits"]
+        if isinstance(config, VLMConfig):  # The image placeholder is input only, never output.
+            last = suppress_image_token(last, config.image_token_id)
         tok = choose_tokens(jax.random.fold_in(rng, t), last, temperature, top_k, top_p)
         logp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], axis=-1)[:, 0]
         alive = ~state["done"]

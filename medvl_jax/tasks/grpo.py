@@ -67,8 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _completion_logp(logits, tokens, prompt_len: int, t: int):
-    """Trainer log-probs ``[B, T]`` of the completion tokens (positions ``P .. P+T-1``)."""
+def _completion_logp(logits, tokens, prompt_len: int, t: int, image_token_id: int):
+    """Trainer log-probs ``[B, T]`` of the completion tokens (positions ``P .. P+T-1``), over
+    the sampler's distribution (the image placeholder left out: ``suppress_image_token``)."""
+    from medvl_jax.sampling.sampler import suppress_image_token
+
+    logits = suppress_image_token(logits, image_token_id)
     lp = losses.token_logprobs(logits, tokens)  # entry i: token i+1
     return lp[:, prompt_len - 1:prompt_len - 1 + t]
 
@@ -147,7 +151,7 @@ class GRPOTask(dpo.DPOTask):
         def fn(model_params, tokens, images, input_mask, mask_ar):
             logits, _ = self.model.apply({"params": model_params}, tokens, images,
                                          input_mask=input_mask, mask_ar=mask_ar)
-            return _completion_logp(logits, tokens, p, t)
+            return _completion_logp(logits, tokens, p, t, self.model_config.image_token_id)
 
         return jax.jit(fn)
 
@@ -238,7 +242,7 @@ class GRPOTask(dpo.DPOTask):
         g = self.config.grpo
         p, t = int(self.config.data.max_length), int(g.max_new_tokens)
         logits = self.policy.apply(params, batch, rng)
-        logp = _completion_logp(logits, batch["tokens"], p, t)
+        logp = _completion_logp(logits, batch["tokens"], p, t, self.model_config.image_token_id)
         mask = batch["completion_mask"].astype(jnp.float32)
         loss, metrics = rl_losses.grpo_loss(
             logp, batch["old_logp"], batch["ref_logp"] if g.beta > 0 else None,

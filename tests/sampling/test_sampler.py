@@ -178,3 +178,44 @@ def test_llava_greedy_with_images_matches_transformers(tmp_path):
         pix = torch.tensor(images[i].transpose(0, 3, 1, 2))
         ref = _hf_greedy(model, prompt, pixel_values=pix)
         assert batch.tokens[i].tolist() == ref
+
+
+def test_vlm_never_samples_its_image_placeholder(tmp_path):
+    """A VLM whose head prefers the image token still never emits it (it would become an image
+    slot in the next forward pass): greedy and sampled rows both leave it out, and the
+    sampled log-probs are those of the distribution without it."""
+    img_tok = 127
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8)
+    text = dict(model_type="llama", **{k: v for k, v in COMMON.items()}, head_dim=8)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                   image_token_index=img_tok)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # The image token's head row: large and constant.
+        head = model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
+        head.weight[img_tok] = 0.0
+        head.weight[img_tok, :] += 50.0 / head.weight.shape[1]
+    model.eval().save_pretrained(str(tmp_path))
+    config, params = load_hf_vlm(str(tmp_path))
+    params = jax.tree.map(jnp.asarray, params)
+    images = np.random.default_rng(1).normal(size=(2, 1, 16, 16, 3)).astype(np.float32)
+    tokens, mask = left_pad([[3] + [img_tok] * 4 + [9], [7] + [img_tok] * 4 + [12]])
+    greedy = generate(config, params, tokens, mask, images=images, max_new_tokens=NEW)
+    sampled = generate(config, params, tokens, mask, images=images, max_new_tokens=NEW,
+                       rng=jax.random.key(0), temperature=1.0)
+    for out in (greedy, sampled):
+        assert img_tok not in out.tokens.tolist()[0] + out.tokens.tolist()[1]
+    # Unmasked, the placeholder would be the most likely first token (of a row at least).
+    from medvl_jax.models.vlm import VLM
+
+    seq = np.concatenate([tokens, sampled.tokens[:, :1]], 1)
+    logits, _ = VLM(config).apply({"params": params}, seq, images, input_mask=np.ones_like(seq),
+                                  mask_ar=np.ones_like(seq))
+    first = np.asarray(logits, np.float64)[:, tokens.shape[1] - 1]
+    assert (first.argmax(-1) == img_tok).any()
+    first[:, img_tok] = -np.inf
+    top = first.max(-1, keepdims=True)
+    logp = first - top - np.log(np.exp(first - top).sum(-1, keepdims=True))
+    np.testing.assert_allclose(sampled.logprobs[:, 0],
+                               logp[np.arange(2), sampled.tokens[:, 0]], atol=1e-4)
