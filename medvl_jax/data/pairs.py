@@ -437,11 +437,12 @@ def medsynth_labels(record: dict, *, regional: bool = False) -> dict[str, bool]:
         out = {"nodule": f["nodule_count"] > 0, "effusion": f["effusion"] != "none",
                "cardiomegaly": bool(f["cardiomegaly"])}
         if regional:
+            from medvl_jax.data.medsynth import findings
+
             cells = {(n["side"], n["zone"]) for n in f["nodules"]}
-            for side in ("right", "left"):
-                for zone in ("upper", "middle", "lower"):
-                    out[f"nodule_{side}_{zone}"] = (side, zone) in cells
-            for side in ("right", "left"):
+            for side, zone in findings.CELLS:
+                out[f"nodule_{side}_{zone}"] = (side, zone) in cells
+            for side in findings.SIDES:
                 out[f"effusion_{side}"] = f["effusion"] in (side, "both")
         return out
     if f["kind"] == "ct":

@@ -34,14 +34,15 @@ import numpy as np
 import optax
 
 from medvl_jax.data import pairs
+from medvl_jax.data.medsynth import findings
 from medvl_jax.models import from_config
 from medvl_jax.models.classifier import ClassifierConfig, ImageClassifier
 from medvl_jax.models.vision import VisionConfig
 
 # MedSynth chest radiographs: a nodule per lung zone, an effusion per side, cardiomegaly.
-MEDSYNTH_CXR_LABELS = tuple(f"nodule_{side}_{zone}" for side in ("right", "left")
-                            for zone in ("upper", "middle", "lower")) + (
-    "effusion_right", "effusion_left", "cardiomegaly")
+MEDSYNTH_CXR_LABELS = (tuple(f"nodule_{side}_{zone}" for side, zone in findings.CELLS)
+                       + tuple(f"effusion_{side}" for side in findings.SIDES)
+                       + ("cardiomegaly",))
 
 
 def default_config() -> ml_collections.ConfigDict:
