@@ -392,6 +392,20 @@ def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
 # Evaluation sets: MedSynth images, reports and finding labels.
 # --------------------------------------------------------------------------------------------
 
+def in_chunks(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """``fn(*chunk)`` over the rows of ``arrays`` in chunks of ``batch_size``, concatenated;
+    the last chunk is padded by repeating its last row (and the padding dropped), so that a
+    jitted ``fn`` compiles once."""
+    n, out = len(arrays[0]), []
+    for s in range(0, n, batch_size):
+        chunk = [a[s:s + batch_size] for a in arrays]
+        pad = batch_size - len(chunk[0])
+        if pad:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
+        out.append(np.asarray(fn(*chunk))[:batch_size - pad])
+    return np.concatenate(out)
+
+
 def image_shape(cfg) -> tuple[int, ...]:
     """Shape of one preprocessed image of the data section ``cfg`` (no batch axis)."""
     spatial = tuple(cfg.volume_shape) if cfg.volume_shape is not None else (cfg.image_size,) * 2

@@ -1,6 +1,6 @@
 """Preference pairs (chosen / rejected) made from MedSynth studies, for DPO.
 
-Two kinds of pair, both for one image and one question:
+Three kinds of pair, all for one image and one question:
 
 * ``text`` — a text hallucination. Same image and prompt; chosen = the right answer, rejected =
   a different *valid* answer of the same question type (yes <-> no, another option letter,
@@ -17,6 +17,11 @@ Two kinds of pair, both for one image and one question:
   size, box, multiple choice, open side/zone, a non-zero count, and closed questions answered
   "yes"), on chest radiographs (``cxr``) with at least one nodule; otherwise a text pair is
   made.
+* ``mistake`` — the starting model's own error (on-policy rejected answers). Same image and
+  prompt; chosen = the right answer, rejected = an answer the model gave (sampled or greedy)
+  that was scored wrong (:func:`mistake_pairs`; the DPO task mines them before training).
+  Synthetic wrong answers are mostly ones the model already rules out; its own mistakes are
+  the ones its likelihood prefers, which is where DPO has something to move.
 
 A pair example::
 
@@ -45,7 +50,7 @@ import numpy as np
 
 from medvl_jax.data import pipeline, sources
 
-PAIR_KINDS = ("text", "visual")
+PAIR_KINDS = ("text", "visual", "mistake")
 SIDES, ZONES = ("left", "right"), ("upper", "middle", "lower")
 _WORD_SETS = (("left", "right", "both"), SIDES, ZONES, ("new", "grown", "resolved", "stable"))
 _RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
@@ -182,6 +187,30 @@ def make_pair(record: dict, rng: np.random.Generator, *, visual_fraction: float 
             "meta": {**ex["meta"], "pair_kind": pair_kind, "weight": weight}}
 
 
+def mistake_pairs(examples: list[dict], predictions: list[dict], *,
+                  weight: float = 1.0) -> list[dict]:
+    """Pairs of the questions a model got wrong: ``examples`` (single-question examples, as
+    :func:`medvl_jax.data.sources.medsynth_questions` makes) and the model's ``predictions``
+    of them in the same order (dicts with ``id``, ``prediction`` and ``score``, as
+    ``SFTTask.evaluate_model`` returns). A prediction with a score below 1 becomes the
+    rejected answer, the example's reference answer the chosen one; empty predictions and
+    ones equal to the answer are skipped."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    out = []
+    for ex, pred in zip(examples, predictions):
+        if pred["id"] != ex["id"]:
+            raise ValueError(f"prediction {pred['id']!r} does not match example {ex['id']!r}")
+        answer, wrong = str(ex["meta"]["answer"]).strip(), str(pred["prediction"]).strip()
+        if pred["score"] >= 1.0 or not wrong or wrong == answer:
+            continue
+        out.append({"id": ex["id"], "messages": ex["messages"][:1], "chosen": answer,
+                    "rejected": wrong, "images_chosen": ex["images"],
+                    "images_rejected": ex["images"],
+                    "meta": {**ex["meta"], "pair_kind": "mistake", "weight": float(weight)}})
+    return out
+
+
 def featurize_pair(featurizer: pipeline.Featurizer, pair: dict,
                    rng: np.random.Generator) -> dict:
     """Model inputs of both sides of a pair (same augmentation draw for both)."""
@@ -201,10 +230,20 @@ def featurize_pair(featurizer: pipeline.Featurizer, pair: dict,
 
 
 def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=None,
+                  mistakes: list[dict] | None = None, mistake_fraction: float = 0.0,
                   split: str = "train", process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
     """Batched preference pairs of the MedSynth sources of ``data_cfg`` (the ``data`` config
-    section; only ``medsynth`` sources are supported), this process's shard."""
+    section; only ``medsynth`` sources are supported), this process's shard.
+
+    ``mistakes``: ready pairs (:func:`mistake_pairs`, already this process's share), repeated
+    in a shuffled order and mixed in as ``mistake_fraction`` of the pairs (1: only these)."""
+    if not 0.0 <= mistake_fraction <= 1.0:
+        raise ValueError(f"mistake_fraction must be in [0, 1], got {mistake_fraction}")
+    if mistake_fraction > 0 and not mistakes:
+        raise ValueError("mistake_fraction > 0 but there are no mistake pairs: the starting "
+                         "model answered every mined question right (mine more studies or "
+                         "other question types)")
     if data_cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
                          f"{process_count} processes")
@@ -232,6 +271,13 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
         raise ValueError("data.sources is empty")
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, mix)
     ds = ds[process_index::process_count]
+    if mistake_fraction > 0:
+        own = grain.MapDataset.source(mistakes)
+        if data_cfg.shuffle:
+            own = own.shuffle(seed=data_cfg.seed + 3)
+        own = own.repeat()
+        ds = own if mistake_fraction == 1.0 else grain.MapDataset.mix(
+            [ds, own], [1.0 - mistake_fraction, mistake_fraction])
     ds = ds.random_map(lambda p, rng: featurize_pair(featurizer, p, rng), seed=data_cfg.seed + 2)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                               prefetch_buffer_size=data_cfg.prefetch))
@@ -239,4 +285,4 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
 
 
 __all__ = ["PAIR_KINDS", "build_dataset", "depends_on_nodules", "featurize_pair",
-           "make_pair", "noise_boxes", "wrong_answer"]
+           "make_pair", "mistake_pairs", "noise_boxes", "wrong_answer"]

@@ -142,14 +142,8 @@ class ClassifyTask:
         (the last one padded: one compile)."""
         if self._predict is None:
             self._predict = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
-        bs, out = int(self.config.classify.eval_batch_size), []
-        for s in range(0, len(images), bs):
-            chunk = images[s:s + bs]
-            pad = bs - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-            out.append(np.asarray(self._predict(params, chunk))[:bs - pad])
-        return np.concatenate(out)
+        return pairs.in_chunks(lambda x: self._predict(params, x), [images],
+                               int(self.config.classify.eval_batch_size))
 
     def _eval_spec(self) -> tuple[str, dict] | None:
         return pairs.eval_source(self.config.data.sources, self.config.classify.eval_source,

@@ -272,30 +272,18 @@ class ContrastiveTask:
             self._encoders = img, txt
         return self._encoders
 
-    def _batched(self, fn, arrays: list[np.ndarray]) -> np.ndarray:
-        """``fn`` over rows in chunks of ``eval_batch_size`` (the last padded: one compile)."""
-        n, bs = len(arrays[0]), int(self.config.contrastive.eval_batch_size)
-        out = []
-        for s in range(0, n, bs):
-            chunk = [a[s:s + bs] for a in arrays]
-            pad = bs - len(chunk[0])
-            if pad:
-                chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
-            out.append(np.asarray(fn(*chunk))[:bs - pad])
-        return np.concatenate(out)
-
     def image_embeddings(self, params, images: np.ndarray) -> np.ndarray:
         """Normalised image embeddings ``[N, E]`` of preprocessed images."""
-        fn = self._jitted()[0]
-        return self._batched(lambda x: fn(params, x), [images])
+        fn, bs = self._jitted()[0], int(self.config.contrastive.eval_batch_size)
+        return pairs.in_chunks(lambda x: fn(params, x), [images], bs)
 
     def text_embeddings(self, params, texts: list[str]) -> np.ndarray:
         """Normalised text embeddings ``[N, E]`` of strings."""
         tokens, mask = pairs.tokenize(self.tokenizer, texts, self.config.data.max_length)
-        fn = self._jitted()[1]
+        fn, bs = self._jitted()[1], int(self.config.contrastive.eval_batch_size)
         if not self.config.contrastive.text_mask:
-            return self._batched(lambda t: fn(params, t, None), [tokens])
-        return self._batched(lambda t, m: fn(params, t, m), [tokens, mask])
+            return pairs.in_chunks(lambda t: fn(params, t, None), [tokens], bs)
+        return pairs.in_chunks(lambda t, m: fn(params, t, m), [tokens, mask], bs)
 
     # ----------------------------------------------------------------------------------------
     # Evaluation.

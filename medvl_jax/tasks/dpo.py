@@ -1,12 +1,14 @@
 """Direct preference optimisation (DPO) of a VLM on chosen / rejected answers.
 
 Each example is a preference pair for one prompt (image + question): the chosen and the
-rejected answer, each with its own images (the same images for a text pair; clean vs.
-corrupted images for a visual pair, see medvl_jax.data.preferences). The loss is
-:func:`medvl_jax.tasks.rl_losses.dpo_loss` of the sequence log-probs (sums over the answer
-tokens) under the policy and the reference, with ``dpo.beta``, ``dpo.label_smoothing`` and,
-with ``dpo.use_weights``, the per-pair weights of the batch (``dpo.pair_weights`` by pair
-kind).
+rejected answer, each with its own images (the same images for a text or mistake pair; clean
+vs. corrupted images for a visual pair, see medvl_jax.data.preferences). Mistake pairs are
+mined before training (:meth:`DPOTask.mine_mistakes`): the starting model's own wrong answers
+are the rejected ones. The loss is :func:`medvl_jax.tasks.rl_losses.dpo_loss` of the
+sequence log-probs (sums over the answer tokens) under the policy and the reference, with
+``dpo.beta``, ``dpo.label_smoothing``, RPO's NLL term on the chosen answers
+(``dpo.nll_weight``) and, with ``dpo.use_weights``, the per-pair weights of the batch
+(``dpo.pair_weights`` by pair kind).
 
 The reference policy is the model the run started from (``config.init_from``), frozen:
 
@@ -41,8 +43,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.beta = 0.1
     c.label_smoothing = 0.0        # Conservative DPO: assumed label-flip probability.
     c.use_weights = True           # Weighted mean over pairs with the batch's "weight".
-    c.pair_weights = {"text": 1.0, "visual": 1.0}  # Weight of each pair kind.
+    c.pair_weights = {"text": 1.0, "visual": 1.0, "mistake": 1.0}  # Weight of each pair kind.
     c.visual_fraction = 0.5        # Share of visual pairs (when a study allows one).
+    # Share of pairs whose rejected answer is the starting model's own mistake, mined before
+    # training: `mistake_samples` answers at `mistake_temperature` (0: one greedy answer) to
+    # each question of `mistake_studies` training studies per source. Sample: greedy
+    # mistakes cover only the questions the model gets wrong, and DPO on those alone teaches
+    # it to leave its usual answers, right ones included (docs/post_training.md).
+    c.mistake_fraction = 0.0
+    c.mistake_studies = 1000
+    c.mistake_samples = 4
+    c.mistake_temperature = 1.0
+    # RPO: + nll_weight * the chosen answers' mean token NLL, which keeps DPO from lowering
+    # the likelihood of the right answers along with the wrong ones (0: plain DPO).
+    c.nll_weight = 0.0
     c.eval_studies = 100           # As sft.eval_studies; 0 = no evaluation.
     c.eval_batch_size = 64
     c.eval_max_new_tokens = 16
@@ -152,9 +166,12 @@ class DPOTask:
         else:
             rc, rr = self.sequence_logprobs(params, batch, reference=True)
         weights = batch["weight"] if d.use_weights else None
+        lengths = (jnp.asarray(batch["chosen_loss_mask"]) * jnp.asarray(
+            batch["chosen_input_mask"]))[:, 1:].sum(axis=1)
         loss, metrics = rl_losses.dpo_loss(pc, pr, rc, rr, beta=float(d.beta),
                                            label_smoothing=float(d.label_smoothing),
-                                           weights=weights)
+                                           weights=weights, nll_weight=float(d.nll_weight),
+                                           chosen_lengths=lengths)
         metrics.update(chosen_logp=pc.mean(), rejected_logp=pr.mean())
         return loss, metrics
 
@@ -169,10 +186,61 @@ class DPOTask:
         from medvl_jax.data import preferences
 
         d = config.dpo
+        mistakes = None
+        if d.mistake_fraction > 0:
+            mistakes = self.mine_mistakes(process_index=process_index,
+                                          process_count=process_count)
         return iter(preferences.build_dataset(
             config.data, self.tokenizer, visual_fraction=float(d.visual_fraction),
-            weights=dict(d.pair_weights), split="train", process_index=process_index,
-            process_count=process_count))
+            weights=dict(d.pair_weights), mistakes=mistakes,
+            mistake_fraction=float(d.mistake_fraction), split="train",
+            process_index=process_index, process_count=process_count))
+
+    def mine_mistakes(self, *, process_index: int = 0, process_count: int = 1) -> list[dict]:
+        """Mistake pairs (medvl_jax.data.preferences.mistake_pairs) of this process's share of
+        the questions of ``dpo.mistake_studies`` training studies per source: the starting
+        model (``init_from``) answers each ``dpo.mistake_samples`` times at
+        ``dpo.mistake_temperature`` (0: once, greedily, as in evaluation), and every answer
+        scored wrong becomes a rejected answer (a frequent mistake, several pairs). Sampling
+        keys are fixed by ``train.seed``, so a resumed run mines the same pairs."""
+        from medvl_jax.data import preferences
+        from medvl_jax.evaluate import scoring
+        from medvl_jax.tasks import pretrained
+
+        d = self.config.dpo
+        k, temperature = int(d.mistake_samples), float(d.mistake_temperature)
+        if k < 1 or temperature < 0 or (temperature == 0 and k != 1):
+            raise ValueError(f"dpo.mistake_samples={k}, dpo.mistake_temperature={temperature}:"
+                             " need samples >= 1, temperature >= 0, and one sample when greedy")
+        if not lora_lib.enabled(self.lora_config):
+            start = self.reference_params()
+        elif self.config.get("init_from"):  # The LoRA base: the checkpoint's weights.
+            start = pretrained.load_params(self.config.init_from, self)
+        else:
+            raise ValueError("dpo.mistake_fraction > 0 mines the starting model's mistakes: "
+                             "set config.init_from")
+        questions = self.policy.eval_examples("train", int(d.mistake_studies))
+        jobs = [ex for ex in questions[process_index::process_count] for _ in range(k)]
+        bs = int(d.eval_batch_size)
+        key = jax.random.fold_in(jax.random.key(int(self.config.train.seed)), process_index)
+        predictions, total = [], -(-len(jobs) // bs)
+        for i, start_row in enumerate(range(0, len(jobs), bs)):
+            chunk = jobs[start_row:start_row + bs]
+            texts = self.policy.generate_texts(start, chunk, batch_size=bs,
+                                               temperature=temperature,
+                                               rng=jax.random.fold_in(key, i))
+            predictions += [{"id": ex["id"], "prediction": t, "score": scoring.score(
+                ex["meta"]["question_type"], t, ex["meta"]["answer"])}
+                for ex, t in zip(chunk, texts)]
+            if (i + 1) % 10 == 0 or i + 1 == total:
+                print(f"mining mistakes: {i + 1}/{total} batches", flush=True)
+        pairs = preferences.mistake_pairs(jobs, predictions,
+                                          weight=float(d.pair_weights.get("mistake", 1.0)))
+        right = float(np.mean([p["score"] for p in predictions])) if predictions else 0.0
+        print(f"mined {len(pairs)} mistake pairs from {len(jobs)} answers to "
+              f"{len(jobs) // k} training questions (the starting model's score "
+              f"{100 * right:.1f}%)", flush=True)
+        return pairs
 
     def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
         """Per-question-type MedSynth scores, as :meth:`SFTTask.evaluate`. On the test split

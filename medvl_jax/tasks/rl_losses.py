@@ -157,14 +157,17 @@ def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, ref_logp: jnp.ndarray | 
 
 def dpo_loss(policy_chosen_logp: jnp.ndarray, policy_rejected_logp: jnp.ndarray,
              ref_chosen_logp: jnp.ndarray, ref_rejected_logp: jnp.ndarray, *, beta: float = 0.1,
-             label_smoothing: float = 0.0,
-             weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+             label_smoothing: float = 0.0, weights: jnp.ndarray | None = None,
+             nll_weight: float = 0.0,
+             chosen_lengths: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
     """DPO loss of ``B`` preference pairs from sequence log-probs ``[B]`` (sums over the
     completion tokens).
 
     ``z = beta * ((pi_c - ref_c) - (pi_r - ref_r))``; per pair
     ``-(1 - ls) log sigmoid(z) - ls log sigmoid(-z)`` (conservative DPO: ``ls`` is the assumed
-    probability that the preference label is flipped; ``ls = 0`` is plain DPO).
+    probability that the preference label is flipped; ``ls = 0`` is plain DPO), plus, with
+    ``nll_weight`` ``a > 0``, ``-a * pi_c / chosen_lengths`` (the chosen completion's mean
+    token NLL: RPO, Pang et al. 2024; ``chosen_lengths`` ``[B]`` are its token counts).
     ``weights`` ``[B]`` (>= 0): the loss is ``sum(w * l) / sum(w)`` (a weighted mean; with
     gradient accumulation give weights of mean 1 per microbatch to keep microbatches equal);
     None: the plain mean.
@@ -183,6 +186,9 @@ def dpo_loss(policy_chosen_logp: jnp.ndarray, policy_rejected_logp: jnp.ndarray,
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if nll_weight < 0 or (nll_weight > 0 and chosen_lengths is None):
+        raise ValueError(f"nll_weight must be >= 0 and, when > 0, needs chosen_lengths; got "
+                         f"nll_weight={nll_weight}, chosen_lengths={chosen_lengths}")
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     chosen = beta * (f32(policy_chosen_logp) - jax.lax.stop_gradient(f32(ref_chosen_logp)))
     rejected = beta * (f32(policy_rejected_logp)
@@ -190,6 +196,11 @@ def dpo_loss(policy_chosen_logp: jnp.ndarray, policy_rejected_logp: jnp.ndarray,
     z = chosen - rejected
     per_pair = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z)
                 - label_smoothing * jax.nn.log_sigmoid(-z))
+    metrics = {}
+    if nll_weight > 0:
+        nll = -f32(policy_chosen_logp) / jnp.maximum(f32(chosen_lengths), 1.0)
+        per_pair = per_pair + nll_weight * nll
+        metrics["chosen_nll"] = nll.mean()
     if weights is None:
         loss = per_pair.mean()
     else:
@@ -197,7 +208,7 @@ def dpo_loss(policy_chosen_logp: jnp.ndarray, policy_rejected_logp: jnp.ndarray,
         if w.shape != per_pair.shape:
             raise ValueError(f"weights has shape {w.shape}, expected {per_pair.shape}")
         loss = (w * per_pair).sum() / jnp.maximum(w.sum(), 1e-12)
-    metrics = {"chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
-               "reward_margin": z.mean(),
-               "reward_accuracy": (chosen > rejected).astype(jnp.float32).mean()}
+    metrics.update(chosen_reward=chosen.mean(), rejected_reward=rejected.mean(),
+                   reward_margin=z.mean(),
+                   reward_accuracy=(chosen > rejected).astype(jnp.float32).mean())
     return loss, metrics

@@ -121,17 +121,20 @@ class SFTTask:
     # Evaluation: answer MedSynth questions by greedy decoding, score per question type.
     # ----------------------------------------------------------------------------------------
 
-    def eval_examples(self, split: str) -> list[dict]:
-        """Single-question examples of the configured MedSynth sources' ``split``."""
+    def eval_examples(self, split: str, num_studies: int | None = None) -> list[dict]:
+        """Single-question examples of ``num_studies`` studies (default ``sft.eval_studies``)
+        of each configured MedSynth source's ``split``, of the source's question types."""
         from medvl_jax.data import medsynth, sources as sources_lib
 
+        if num_studies is None:
+            num_studies = int(self.config.sft.eval_studies)
         out = []
         for name, spec in sorted(dict(self.config.data.sources).items()):
-            if spec["kind"] != "medsynth" or not self.config.sft.eval_studies:
+            if spec["kind"] != "medsynth" or not num_studies:
                 continue
             src = medsynth.MedSynthSource(medsynth.MedSynthConfig(
                 kind=spec["medsynth_kind"], split=split,
-                num_studies=int(self.config.sft.eval_studies), image_size=spec["render_size"],
+                num_studies=int(num_studies), image_size=spec["render_size"],
                 volume_shape=tuple(spec["volume_shape"]), seed=spec["seed"]))
             types = tuple(spec.get("question_types") or ())
             for i in range(len(src)):
@@ -167,12 +170,13 @@ class SFTTask:
                 batch["images"][i, :len(images)] = images
         return batch
 
-    def greedy(self, params, batch: dict, stop_id: int,
-               max_new_tokens: int | None = None) -> list[list[int]]:
-        """Greedy answers (stop token removed) of a :meth:`prompt_batch` batch, decoded with
-        the KV-cache sampler, up to ``max_new_tokens`` (default ``sft.eval_max_new_tokens``).
-        ``params`` are plain model params (see :meth:`model_params`). The sampler's jit is
-        keyed on static shapes and the model config only, so repeated evaluations (every
+    def decode(self, params, batch: dict, stop_id: int, max_new_tokens: int | None = None,
+               *, temperature: float = 0.0, rng=None) -> list[list[int]]:
+        """Answers (stop token removed) of a :meth:`prompt_batch` batch, decoded with the
+        KV-cache sampler, up to ``max_new_tokens`` (default ``sft.eval_max_new_tokens``):
+        greedy, or sampled at ``temperature`` > 0 with the PRNG key ``rng``. ``params`` are
+        plain model params (see :meth:`model_params`). The sampler's jit is keyed on static
+        shapes and the model config only, so repeated evaluations (every
         ``train.eval_every`` steps) reuse one compilation."""
         from medvl_jax.sampling import sampler
 
@@ -180,8 +184,8 @@ class SFTTask:
             max_new_tokens = int(self.config.sft.eval_max_new_tokens)
         out = sampler.generate(self.model_config, params, batch["tokens"], batch["input_mask"],
                                images=batch["images"], mask_ar=batch["mask_ar"],
-                               max_new_tokens=int(max_new_tokens),
-                               temperature=0.0, stop_tokens=[stop_id],
+                               max_new_tokens=int(max_new_tokens), rng=rng,
+                               temperature=float(temperature), stop_tokens=[stop_id],
                                pad_id=self.tokenizer.pad_token_id)
         answers = []
         for row, n, done in zip(out.tokens, out.lengths, out.done):
@@ -189,11 +193,13 @@ class SFTTask:
         return answers
 
     def generate_texts(self, params, examples: list[dict], *, batch_size: int | None = None,
-                       max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers (decoded text, stripped) to the final question of each of
-        ``examples``, in one batch padded to ``batch_size`` rows (default: as many as there
-        are examples) by repeating the last example, so that every batch of a run has one
-        shape and the decode compiles once. ``params``: plain model params."""
+                       max_new_tokens: int | None = None, temperature: float = 0.0,
+                       rng=None) -> list[str]:
+        """Answers (decoded text, stripped) to the final question of each of ``examples``,
+        greedy or sampled as :meth:`decode`, in one batch padded to ``batch_size`` rows
+        (default: as many as there are examples) by repeating the last example, so that
+        every batch of a run has one shape and the decode compiles once. ``params``: plain
+        model params."""
         from medvl_jax.data import chat
 
         if not examples:
@@ -201,8 +207,8 @@ class SFTTask:
         pad = max(0, int(batch_size or len(examples)) - len(examples))
         stop = self.tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
             self.config.data.template))
-        answers = self.greedy(params, self.prompt_batch(examples + [examples[-1]] * pad), stop,
-                              max_new_tokens)
+        answers = self.decode(params, self.prompt_batch(examples + [examples[-1]] * pad), stop,
+                              max_new_tokens, temperature=temperature, rng=rng)
         return [self.tokenizer.decode(gen, skip_special_tokens=True).strip()
                 for gen in answers[:len(examples)]]
 
@@ -221,11 +227,13 @@ class SFTTask:
                                    condition=condition)
 
     def evaluate_model(self, model_params, split: str = "test", *, progress=None,
-                       condition: str = "real") -> dict:
-        """:meth:`evaluate` for plain model params (no LoRA factors), e.g. a reference model."""
+                       condition: str = "real", examples: list[dict] | None = None) -> dict:
+        """:meth:`evaluate` for plain model params (no LoRA factors), e.g. a reference model;
+        ``examples``: the questions to answer (default :meth:`eval_examples` of ``split``)."""
         from medvl_jax.evaluate import baselines, scoring
 
-        examples = self.eval_examples(split)
+        if examples is None:
+            examples = self.eval_examples(split)
         if not examples:
             return {}
         bs = int(self.config.sft.eval_batch_size)

@@ -88,6 +88,19 @@ def _write_png(path, value):
     Image.fromarray(np.full((20, 24), value, np.uint8)).save(path)
 
 
+def test_in_chunks_pads_the_last_chunk_and_drops_the_padding():
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    y = np.arange(5)
+    shapes = []
+
+    def fn(a, b):
+        shapes.append((a.shape, b.shape))
+        return a.sum(1) + b
+    got = pairs.in_chunks(fn, [x, y], 2)
+    np.testing.assert_array_equal(got, [1 + 0, 5 + 1, 9 + 2, 13 + 3, 17 + 4])
+    assert shapes == [((2, 2), (2,))] * 3  # One shape: a jitted fn compiles once.
+
+
 def test_jsonl_label_files_give_label_batches(tmp_path):
     for i in range(4):
         _write_png(tmp_path / f"{i}.png", 60 * i)

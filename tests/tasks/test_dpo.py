@@ -83,6 +83,33 @@ def test_pairs(records):
     assert kinds == {"text", "visual"}
 
 
+def test_mistake_pairs_are_the_wrong_predictions(records):
+    from medvl_jax.data import sources
+
+    examples = [ex for rec in records[:6] for ex in sources.medsynth_questions(rec)]
+    rng = np.random.default_rng(3)
+    predictions, wrong = [], {}
+    for i, ex in enumerate(examples):  # Every other question answered wrong, by hand.
+        qa = {"type": ex["meta"]["question_type"], "answer": ex["meta"]["answer"],
+              "options": ex["meta"]["options"], "template": ex["meta"]["template"]}
+        text = preferences.wrong_answer(qa, rng) if i % 2 else ex["meta"]["answer"]
+        s = scoring.score(qa["type"], text, qa["answer"])
+        predictions.append({"id": ex["id"], "prediction": text, "score": s})
+        if s < 1:
+            wrong[ex["id"]] = text
+    assert 0 < len(wrong) < len(examples)
+    pairs = preferences.mistake_pairs(examples, predictions, weight=2.0)
+    assert {p["id"]: p["rejected"] for p in pairs} == wrong
+    by_id = {ex["id"]: ex for ex in examples}
+    for p in pairs:
+        ex = by_id[p["id"]]
+        assert p["chosen"] == ex["meta"]["answer"] and p["meta"]["pair_kind"] == "mistake"
+        assert p["meta"]["weight"] == 2.0 and p["messages"] == ex["messages"][:1]
+        assert p["images_chosen"] is p["images_rejected"] is ex["images"]
+    with pytest.raises(ValueError, match="does not match"):
+        preferences.mistake_pairs(examples[:2], predictions[1:3])
+
+
 def _config(ckpt, *extra):
     overrides, _ = config_lib.parse_overrides([f"--config.init_from={ckpt}", *extra] + RUN)
     config = config_lib.load_config("configs/medsynth_dpo.py:smoke", overrides)
@@ -92,7 +119,8 @@ def _config(ckpt, *extra):
 
 def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
     config = _config(sft_checkpoint, "--config.dpo.label_smoothing=0.1",
-                     "--config.dpo.pair_weights.visual=3.0")
+                     "--config.dpo.pair_weights.visual=3.0", "--config.dpo.nll_weight=0.5",
+                     "--config.dpo.mistake_fraction=0")  # The synthetic pairs.
     tok = pipeline.make_tokenizer(config.tokenizer)
     _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
     # A reference different from the policy, so that the loss is not log 2.
@@ -122,7 +150,9 @@ def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
     assert all((np.asarray(batch[f"{s}_loss_mask"]).sum(1) > 0).all() for s in dpo.SIDES)
     want, want_m = rl_losses.dpo_loss(*(jnp.asarray(lp[k], jnp.float32) for k in (
         ("pi", "chosen"), ("pi", "rejected"), ("ref", "chosen"), ("ref", "rejected"))),
-        beta=0.1, label_smoothing=0.1, weights=batch["weight"])
+        beta=0.1, label_smoothing=0.1, weights=batch["weight"], nll_weight=0.5,
+        chosen_lengths=np.asarray(batch["chosen_loss_mask"] * batch["chosen_input_mask"])[
+            :, 1:].sum(1))
     assert abs(float(loss) - float(want)) <= 1e-5 * abs(float(want))
     assert abs(float(loss) - np.log(2)) > 1e-4
     np.testing.assert_allclose(float(metrics["chosen_logp"]), lp["pi", "chosen"].mean(),
@@ -132,15 +162,28 @@ def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
 
 
-def test_smoke_run_starts_at_the_reference(sft_checkpoint, tmp_path):
-    wd = str(tmp_path / "wd")
-    assert cli.main(["--config", "configs/medsynth_dpo.py:smoke", "--workdir", wd,
-                     f"--config.init_from={sft_checkpoint}"] + RUN) == 0
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if '"loss"' in line]
+def _loss_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def test_smoke_run_starts_at_the_reference_and_resumes_exactly(sft_checkpoint, tmp_path):
+    wd, split = str(tmp_path / "wd"), str(tmp_path / "split")
+    base = ["--config", "configs/medsynth_dpo.py:smoke", f"--config.init_from={sft_checkpoint}"]
+    assert cli.main(base + ["--workdir", wd] + RUN) == 0
+    rows = _loss_rows(wd)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    # Step 0: the policy is the reference (the init_from weights), so the loss is log 2.
-    assert abs(rows[0]["loss"] - np.log(2)) < 1e-5
+    # Stopped after 2 steps and resumed in a new run (which mines its pairs again): step 3
+    # is the same, to the float.
+    assert cli.main(base + ["--workdir", split, "--config.train.steps=2"] + RUN) == 0
+    assert cli.main(base + ["--workdir", split] + RUN) == 0
+    assert [(r["step"], r["loss"]) for r in _loss_rows(split)] == \
+        [(r["step"], r["loss"]) for r in rows]
+    # Step 0: the policy is the reference (the init_from weights), so the DPO part of the
+    # loss is log 2; the rest is the NLL term on the chosen answers (weight 1, pairs of equal
+    # weight).
+    assert rows[0]["chosen_nll"] > 1.0 and abs(rows[0]["reward_margin"]) < 1e-6
+    assert abs(rows[0]["loss"] - rows[0]["chosen_nll"] - np.log(2)) < 1e-5
     assert all(np.isfinite(r["loss"]) for r in rows)
     # The DPO workdir exports like any other (for generation, evaluation, HF conversion).
     from medvl_jax.convert import workdir
@@ -152,7 +195,7 @@ def test_smoke_run_starts_at_the_reference(sft_checkpoint, tmp_path):
 def test_test_evaluation_adds_the_reference_and_a_no_image_baseline(sft_checkpoint, capsys):
     from medvl_jax.evaluate import harness, protocols
 
-    config = _config(sft_checkpoint, "--config.dpo.eval_studies=2")
+    config = _config(sft_checkpoint, "--config.dpo.eval_studies=6")
     tok = pipeline.make_tokenizer(config.tokenizer)
     _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
     moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape,
@@ -167,13 +210,61 @@ def test_test_evaluation_adds_the_reference_and_a_no_image_baseline(sft_checkpoi
         [p["prediction"] for p in same["predictions"]]
     assert res["before"]["per_type"] == same["per_type"]
     # The no-image scores equal the evaluation harness's no_image condition (exact-match
-    # types under the medsynth protocol), an independent path through the same sampler.
+    # counting under the medsynth protocol), an independent path through the same sampler.
     ref = harness.evaluate(task, moved, task.policy.eval_examples("test"),
                            [protocols.get("medsynth")], baselines=["no_image"])
     blind = ref["protocols"]["medsynth"]["conditions"]["no_image"]["per_type"]
-    for qtype in ("closed", "multiple_choice", "counting"):
-        if qtype in blind:
-            assert res["no_image"]["per_type"][qtype] == blind[qtype]
+    assert res["no_image"]["per_type"]["counting"] == blind["counting"]
     task.report(res, "")
     table = capsys.readouterr().out
     assert "before" in table and "no image" in table and "overall" in table
+
+
+def test_mined_mistakes_are_the_starting_models_wrong_greedy_answers(sft_checkpoint):
+    config = _config(sft_checkpoint, "--config.dpo.mistake_fraction=1.0",
+                     "--config.dpo.mistake_studies=3", "--config.data.batch_size=4",
+                     "--config.dpo.mistake_samples=1", "--config.dpo.mistake_temperature=0")
+    tok = pipeline.make_tokenizer(config.tokenizer)
+    task = dpo.DPOTask(config, tok)
+    pairs = task.mine_mistakes()
+    again = task.mine_mistakes()  # Deterministic: a resumed run mines the same pairs.
+    assert pairs and [(p["id"], p["rejected"]) for p in pairs] == \
+        [(p["id"], p["rejected"]) for p in again]
+    # Independently: the checkpoint's greedy answers, one question at a time.
+    _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
+    examples = {ex["id"]: ex for ex in task.policy.eval_examples("train", 3)}
+    for p in pairs[:4]:
+        ex = examples[p["id"]]
+        [text] = task.policy.generate_texts(params, [ex])
+        assert p["rejected"] == text and p["chosen"] == ex["meta"]["answer"]
+        assert scoring.score(ex["meta"]["question_type"], text, p["chosen"]) < 1
+    # With mistake_fraction 1 every batch is made of them: the rejected side's answer tokens
+    # decode to a mined wrong answer.
+    batch = next(task.data_iterator(config, process_index=0, process_count=1))
+    rejected = {p["rejected"] for p in pairs}
+    for toks, mask in zip(batch["rejected_tokens"], batch["rejected_loss_mask"]):
+        text = tok.decode(toks[mask.astype(bool)], skip_special_tokens=True).strip()
+        assert text in rejected
+
+
+def test_sampled_mistakes(sft_checkpoint):
+    config = _config(sft_checkpoint, "--config.dpo.mistake_fraction=1.0",
+                     "--config.dpo.mistake_studies=2", "--config.dpo.mistake_samples=3")
+    task = dpo.DPOTask(config, pipeline.make_tokenizer(config.tokenizer))
+    questions = {ex["id"]: ex for ex in task.policy.eval_examples("train", 2)}
+    pairs = task.mine_mistakes()
+    again = task.mine_mistakes()
+    assert [p["rejected"] for p in pairs] == [p["rejected"] for p in again]
+    assert len(pairs) <= 3 * len(questions)
+    for p in pairs:
+        ex = questions[p["id"]]
+        assert p["chosen"] == ex["meta"]["answer"]
+        assert scoring.score(ex["meta"]["question_type"], p["rejected"], p["chosen"]) < 1
+    # Temperature 1 on random weights: the three answers to a question are not all the same.
+    by_q = {}
+    for p in pairs:
+        by_q.setdefault(p["id"], []).append(p["rejected"])
+    assert any(len(set(v)) > 1 for v in by_q.values())
+    with pytest.raises(ValueError, match="one sample when greedy"):
+        dpo.DPOTask(_config(sft_checkpoint, "--config.dpo.mistake_temperature=0"),
+                    task.tokenizer).mine_mistakes()

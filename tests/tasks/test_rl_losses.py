@@ -71,11 +71,15 @@ def np_dr_grpo(per_tok, mask, max_len):
     return (per_tok * mask).sum() / (mask.shape[0] * max_len)
 
 
-def np_dpo(pc, pr, rc, rr, beta, ls, w=None):
+def np_dpo(pc, pr, rc, rr, beta, ls, w=None, alpha=0.0, lengths=None):
+    """DPO (Rafailov et al. 2023; conservative with ``ls``), plus RPO's ``alpha`` times the
+    chosen answer's NLL per token (Pang et al. 2024)."""
     pc, pr, rc, rr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr))
     z = beta * ((pc - rc) - (pr - rr))
     logsig = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     per = -(1 - ls) * logsig(z) - ls * logsig(-z)
+    if alpha:
+        per = per + alpha * (-pc / np.asarray(lengths, np.float64))
     if w is None:
         return per.mean()
     w = np.asarray(w, np.float64)
@@ -178,6 +182,31 @@ def test_dpo_loss_matches_paper(ls, weighted):
     g = jax.grad(lambda p: rl.dpo_loss(p, f32(pr), f32(rc), f32(rr), beta=0.1,
                                        label_smoothing=ls, weights=f32(w))[0])(f32(pc))
     assert np.isfinite(np.asarray(g)).all() and np.all(np.asarray(g) <= 0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rpo_term_matches_paper(weighted):
+    rng = np.random.default_rng(6)
+    b = 12
+    pc, pr = rng.normal(-20, 3, b), rng.normal(-22, 3, b)
+    rc, rr = pc + rng.normal(0, 1, b), pr + rng.normal(0, 1, b)
+    n = rng.integers(1, 9, b)
+    w = rng.uniform(0.2, 2.0, b) if weighted else None
+    f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)  # noqa: E731
+    got, met = rl.dpo_loss(f32(pc), f32(pr), f32(rc), f32(rr), beta=0.2, weights=f32(w),
+                           nll_weight=0.5, chosen_lengths=jnp.asarray(n))
+    args32 = [np.asarray(v, np.float32) for v in (pc, pr, rc, rr)]
+    want = np_dpo(*args32, 0.2, 0.0, w, alpha=0.5, lengths=n)
+    assert _rel(got, want) <= RTOL
+    assert abs(want - np_dpo(*args32, 0.2, 0.0, w)) > 0.1  # The term is not negligible here.
+    np.testing.assert_allclose(float(met["chosen_nll"]), (-args32[0] / n).mean(), rtol=1e-5)
+    # The NLL term pulls the chosen log-probs up harder than DPO alone.
+    grad = lambda a: np.asarray(jax.grad(lambda p: rl.dpo_loss(  # noqa: E731
+        p, f32(pr), f32(rc), f32(rr), beta=0.2, nll_weight=a,
+        chosen_lengths=jnp.asarray(n))[0])(f32(pc)))
+    np.testing.assert_allclose(grad(0.5) - grad(0.0), -0.5 / n / b, rtol=1e-5)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        rl.dpo_loss(f32(pc), f32(pr), f32(rc), f32(rr), nll_weight=0.5)
 
 
 def test_dpo_loss_at_reference_is_log2_and_errors():
