@@ -330,18 +330,6 @@ class PairFeaturizer:
         return {"images": self.image(pair, rng), "tokens": tokens[0], "input_mask": mask[0]}
 
 
-def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
-    def call(x, rng):
-        try:
-            return fn(x, rng)
-        except DataError as e:
-            if skips is None:
-                raise
-            skips.add(e)
-            return None
-    return call
-
-
 def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
                  skips: SkipCounter | None = None, labels: bool = False) -> grain.MapDataset:
     """The infinite, mixed MapDataset of pairs (before sharding and featurising): each source
@@ -357,7 +345,8 @@ def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
         ds = grain.MapDataset.source(src.records)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
-        ds = ds.repeat().random_map(_guarded(src.to_pair, guard), seed=cfg.seed + 104729 * i + 1)
+        ds = ds.repeat().random_map(pipeline.guarded(src.to_pair, guard),
+                                    seed=cfg.seed + 104729 * i + 1)
         parts.append(ds)
         weights.append(src.weight)
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -380,7 +369,7 @@ def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
     ds = pair_dataset(cfg, split=split, sentences=sentences, skips=skips,
                       labels=bool(label_names))
     ds = ds[process_index::process_count]
-    ds = ds.random_map(_guarded(lambda p, rng: p and featurize(p, rng), guard),
+    ds = ds.random_map(pipeline.guarded(lambda p, rng: p and featurize(p, rng), guard),
                        seed=cfg.seed + 2)
     ds = ds.filter(lambda x: x is not None)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,

@@ -256,7 +256,7 @@ class Featurizer:
         }
 
 
-def _guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
+def guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
     """Wraps ``fn(x, rng)``: DataErrors are counted and the example dropped (returns None)."""
 
     def call(x, rng):
@@ -306,7 +306,7 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
         ds = ds.repeat()
         guard = skips if cfg.skip_bad_examples else None
-        ds = ds.random_map(_guarded(src.to_example, guard), seed=cfg.seed + 104729 * i + 1)
+        ds = ds.random_map(guarded(src.to_example, guard), seed=cfg.seed + 104729 * i + 1)
         parts.append(ds)
         weights.append(src.weight)
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -318,7 +318,7 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
                                   ).batch(examples_per_batch, drop_remainder=True, batch_fn=list)
     per_process = cfg.batch_size // process_count
     to_arrays = featurize.unpadded if cfg.pack else featurize
-    ds = ds.random_map(_guarded(lambda ex, rng: ex and to_arrays(ex, rng),
+    ds = ds.random_map(guarded(lambda ex, rng: ex and to_arrays(ex, rng),
                                 skips if cfg.skip_bad_examples else None),
                        seed=cfg.seed + 2)
     ds = ds.filter(lambda x: x is not None)
