@@ -154,15 +154,24 @@ def test_filters_match_numpy():
     assert np.asarray(top_p_mask(jnp.asarray(logits), jnp.float32(1.0))).all()
 
 
-def test_llava_greedy_with_images_matches_transformers(tmp_path):
-    img_tok = 127
+IMG_TOK = 127
+
+
+def _tiny_llava(vision_layers: int):
+    """A random tiny transformers LLaVA (CLIP vision, Llama text, image token IMG_TOK)."""
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8)
+                  num_hidden_layers=vision_layers, num_attention_heads=4, image_size=16,
+                  patch_size=8)
     text = dict(model_type="llama", **{k: v for k, v in COMMON.items()}, head_dim=8)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
-                                   image_token_index=img_tok)
+                                   image_token_index=IMG_TOK)
     torch.manual_seed(0)
-    model = transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager")
+    return transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager")
+
+
+def test_llava_greedy_with_images_matches_transformers(tmp_path):
+    img_tok = IMG_TOK
+    model = _tiny_llava(2)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)
@@ -184,14 +193,8 @@ def test_vlm_never_samples_its_image_placeholder(tmp_path):
     """A VLM whose head prefers the image token still never emits it (it would become an image
     slot in the next forward pass): greedy and sampled rows both leave it out, and the
     sampled log-probs are those of the distribution without it."""
-    img_tok = 127
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8)
-    text = dict(model_type="llama", **{k: v for k, v in COMMON.items()}, head_dim=8)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
-                                   image_token_index=img_tok)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager")
+    img_tok = IMG_TOK
+    model = _tiny_llava(1)
     with torch.no_grad():  # The image token's head row: large and constant.
         head = model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
         head.weight[img_tok] = 0.0
