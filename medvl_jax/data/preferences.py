@@ -23,6 +23,9 @@ Three kinds of pair, all for one image and one question:
   Synthetic wrong answers are mostly ones the model already rules out; its own mistakes are
   the ones its likelihood prefers, which is where DPO has something to move.
 
+Or from your files: a ``preferences`` source (``{"kind": "preferences", "path": ...,
+"image_root": ...}``, see :class:`PreferenceFile`) holds ready pairs, one JSON object per line.
+
 A pair example::
 
     {"id", "messages" (the user turn), "chosen", "rejected" (answer texts),
@@ -43,14 +46,17 @@ augmentation draw)::
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import grain
 import numpy as np
 
 from medvl_jax.data import pipeline, sources
+from medvl_jax.data.errors import DataError
 
 PAIR_KINDS = ("text", "visual", "mistake")
+_FILE_FIELDS = {"kind", "weight", "path", "image_root"}
 SIDES, ZONES = ("left", "right"), ("upper", "middle", "lower")
 _WORD_SETS = (("left", "right", "both"), SIDES, ZONES, ("new", "grown", "resolved", "stable"))
 _RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
@@ -211,6 +217,78 @@ def mistake_pairs(examples: list[dict], predictions: list[dict], *,
     return out
 
 
+class PreferenceFile:
+    """Preference pairs from a ``.jsonl`` file (one object per line) or a ``.json`` list::
+
+        {"image": "a.png" (or "images": [...]), "prompt": "Is there a nodule?",
+         "chosen": "Yes, in the right upper zone.", "rejected": "No.",
+         "rejected_images": [...] (optional: a visual pair, the rejected side's images),
+         "weight": 2.0 (optional), "id": "..." (optional)}
+
+    Relative image paths are resolved against ``image_root`` (default: the file's directory);
+    a prompt without ``<image>`` placeholders gets one per image in front. A pair without
+    ``rejected_images`` is a ``text`` pair and needs two different answers; with them, a
+    ``visual`` pair (same count of images on both sides). Records without ``weight`` take
+    their kind's weight from ``dpo.pair_weights``. Every record is checked when the source is
+    built (errors name file:line); images are read when a pair is featurized.
+    """
+
+    def __init__(self, path: str, image_root: str | None = None):
+        self.path = path
+        root = image_root if image_root is not None else os.path.dirname(path)
+        self.pairs = []
+        for where, rec in sources.read_json_records(path):
+            if not isinstance(rec, dict):
+                raise DataError("record is not a JSON object", where=where, reason="bad_record")
+            texts = {k: rec.get(k) for k in ("prompt", "chosen", "rejected")}
+            bad = [k for k, v in texts.items() if not isinstance(v, str) or not v.strip()]
+            if bad:
+                raise DataError(f"{' and '.join(repr(k) for k in bad)} must be non-empty "
+                                "strings", where=where, reason="bad_record")
+            images = [os.path.join(root, x) for x in sources._as_list(rec.get("image"))
+                      + sources._as_list(rec.get("images"))]
+            other = [os.path.join(root, x) for x in sources._as_list(rec.get("rejected_image"))
+                     + sources._as_list(rec.get("rejected_images"))]
+            if other and len(other) != len(images):
+                raise DataError(f"{len(other)} rejected images for {len(images)} images",
+                                where=where, reason="bad_record")
+            if not other and texts["chosen"].strip() == texts["rejected"].strip():
+                raise DataError("chosen and rejected are the same answer on the same images",
+                                where=where, reason="bad_record")
+            weight = rec.get("weight")
+            if weight is not None and (not isinstance(weight, (int, float)) or weight < 0):
+                raise DataError(f"weight must be a number >= 0, got {weight!r}", where=where,
+                                reason="bad_record")
+            prompt = texts["prompt"]
+            if sources.IMAGE_PLACEHOLDER not in prompt:
+                prompt = "".join(sources.IMAGE_PLACEHOLDER + "\n" for _ in images) + prompt
+            self.pairs.append({
+                "id": str(rec.get("id", where)), "messages": [{"role": "user", "content": prompt}],
+                "chosen": texts["chosen"], "rejected": texts["rejected"],
+                "images_chosen": images, "images_rejected": other or images,
+                "meta": {"pair_kind": "visual" if other else "text", "weight": weight,
+                         "answer": texts["chosen"], "question_type": "",
+                         "modality": str(rec.get("modality", "")), "where": where}})
+        if not self.pairs:
+            raise DataError("no preference pairs in the file", where=path, reason="empty")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.pairs[int(index)]
+        return {**p, "images_chosen": list(p["images_chosen"]),
+                "images_rejected": list(p["images_rejected"]), "meta": dict(p["meta"])}
+
+
+def _file_pair(pair: dict, weights: dict | None) -> dict:
+    """A :class:`PreferenceFile` pair with its weight filled in from ``weights`` by kind."""
+    meta = pair["meta"]
+    if meta["weight"] is None:
+        meta = {**meta, "weight": float((weights or {}).get(meta["pair_kind"], 1.0))}
+    return {**pair, "meta": {**meta, "weight": float(meta["weight"])}}
+
+
 def featurize_pair(featurizer: pipeline.Featurizer, pair: dict,
                    rng: np.random.Generator) -> dict:
     """Model inputs of both sides of a pair (same augmentation draw for both)."""
@@ -229,12 +307,18 @@ def featurize_pair(featurizer: pipeline.Featurizer, pair: dict,
     return out
 
 
+def preference_source(path: str, weight: float = 1.0, image_root: str | None = None) -> dict:
+    """Config dict for a ``preferences`` source (a :class:`PreferenceFile`)."""
+    return dict(kind="preferences", weight=weight, path=path, image_root=image_root)
+
+
 def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=None,
                   mistakes: list[dict] | None = None, mistake_fraction: float = 0.0,
                   split: str = "train", process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
-    """Batched preference pairs of the MedSynth sources of ``data_cfg`` (the ``data`` config
-    section; only ``medsynth`` sources are supported), this process's shard.
+    """Batched preference pairs of the sources of ``data_cfg`` (the ``data`` config section:
+    ``medsynth`` sources, pairs made on the fly, and ``preferences`` files), this process's
+    shard.
 
     ``mistakes``: ready pairs (:func:`mistake_pairs`, already this process's share), repeated
     in a shuffled order and mixed in as ``mistake_fraction`` of the pairs (1: only these)."""
@@ -251,9 +335,21 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
     parts, mix = [], []
     for i, (name, spec) in enumerate(sorted(dict(data_cfg.sources).items())):
         spec = dict(spec)
-        if spec.get("kind") != "medsynth":
-            raise ValueError(f"data.sources.{name}: preference pairs are made from MedSynth "
-                             f"sources only, got kind={spec.get('kind')!r}")
+        kind = spec.get("kind")
+        if kind == "preferences":
+            unknown = set(spec) - _FILE_FIELDS
+            if unknown:
+                raise ValueError(f"data.sources.{name}: unknown field(s) {sorted(unknown)} for "
+                                 f"a preferences source; allowed: {sorted(_FILE_FIELDS)}")
+            ds = grain.MapDataset.source(PreferenceFile(spec["path"], spec.get("image_root")))
+            if data_cfg.shuffle:
+                ds = ds.shuffle(seed=data_cfg.seed + 7919 * i)
+            parts.append(ds.repeat().map(lambda p: _file_pair(p, weights)))
+            mix.append(float(spec.get("weight", 1.0)))
+            continue
+        if kind != "medsynth":
+            raise ValueError(f"data.sources.{name}: preference pairs come from medsynth or "
+                             f"preferences (JSONL file) sources, got kind={kind!r}")
         src = pipeline.build_source(name, spec, split, 1)
         types = tuple(spec.get("question_types") or ())
         ds = grain.MapDataset.source(src.records)
@@ -284,5 +380,6 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
     return it.batch(data_cfg.batch_size // process_count, drop_remainder=True)
 
 
-__all__ = ["PAIR_KINDS", "build_dataset", "depends_on_nodules", "featurize_pair",
-           "make_pair", "mistake_pairs", "noise_boxes", "wrong_answer"]
+__all__ = ["PAIR_KINDS", "PreferenceFile", "build_dataset", "depends_on_nodules",
+           "featurize_pair", "make_pair", "mistake_pairs", "noise_boxes", "preference_source",
+           "wrong_answer"]

@@ -220,6 +220,10 @@ class DPOTask:
             raise ValueError("dpo.mistake_fraction > 0 mines the starting model's mistakes: "
                              "set config.init_from")
         questions = self.policy.eval_examples("train", int(d.mistake_studies))
+        if not questions:
+            raise ValueError("dpo.mistake_fraction > 0 mines mistakes on the questions of the "
+                             "medsynth sources, and data.sources has none with questions "
+                             "(set dpo.mistake_fraction=0 for preference files)")
         jobs = [ex for ex in questions[process_index::process_count] for _ in range(k)]
         bs = int(d.eval_batch_size)
         key = jax.random.fold_in(jax.random.key(int(self.config.train.seed)), process_index)

@@ -268,3 +268,85 @@ def test_sampled_mistakes(sft_checkpoint):
     with pytest.raises(ValueError, match="one sample when greedy"):
         dpo.DPOTask(_config(sft_checkpoint, "--config.dpo.mistake_temperature=0"),
                     task.tokenizer).mine_mistakes()
+
+
+def _write_pairs(tmp_path, records):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _pixels(path, config):
+    """A 64x64 8-bit PNG as the pipeline should give it: [0, 1], then (x - mean) / std."""
+    from PIL import Image
+
+    mean, std = config.data.normalise
+    return (np.asarray(Image.open(path), np.float32) / 255.0 - mean) / std
+
+
+def test_preference_files_feed_dpo(sft_checkpoint, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "a_masked"):
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    records = [
+        {"id": "p0", "image": "a.png", "prompt": "Is there a nodule?", "chosen": "yes",
+         "rejected": "no", "weight": 2.5},
+        {"id": "p1", "image": "b.png", "prompt": "<image>\nWhich side?", "chosen": "left",
+         "rejected": "right"},
+        {"id": "p2", "image": "a.png", "rejected_image": "a_masked.png",
+         "prompt": "Is there a nodule?", "chosen": "yes", "rejected": "yes"},
+    ]
+    path = _write_pairs(tmp_path, records)
+    src = preferences.PreferenceFile(path)
+    assert [p["meta"]["pair_kind"] for p in src.pairs] == ["text", "text", "visual"]
+    assert src[0]["messages"][0]["content"] == "<image>\nIs there a nodule?"
+    assert src[1]["messages"][0]["content"] == "<image>\nWhich side?"  # Not doubled.
+    assert src[2]["images_rejected"] == [str(tmp_path / "a_masked.png")]
+
+    config = _config(sft_checkpoint, "--config.dpo.mistake_fraction=0",
+                     "--config.data.batch_size=3", "--config.data.shuffle=False",
+                     "--config.dpo.pair_weights.visual=4.0")
+    config.data.sources = {"mine": preferences.preference_source(path)}
+    tok = pipeline.make_tokenizer(config.tokenizer)
+    task = dpo.DPOTask(config, tok)
+    batch = next(task.data_iterator(config, process_index=0, process_count=1))
+    by_weight = dict(zip(batch["weight"].tolist(), range(3)))
+    assert sorted(by_weight) == [1.0, 2.5, 4.0]  # Record weight; default text 1; visual 4.
+    for rec, w in zip(records, (2.5, 1.0, 4.0)):
+        i = by_weight[w]
+        for side in dpo.SIDES:
+            toks, mask = batch[f"{side}_tokens"][i], batch[f"{side}_loss_mask"][i]
+            text = tok.decode(toks[mask.astype(bool)], skip_special_tokens=True).strip()
+            assert text == rec[side]
+        got = batch["chosen_images"][i, 0, ..., 0]
+        np.testing.assert_allclose(got, _pixels(tmp_path / rec["image"], config), atol=1e-6)
+    v = by_weight[4.0]  # The visual pair: the rejected side sees the other image.
+    np.testing.assert_allclose(batch["rejected_images"][v, 0, ..., 0],
+                               _pixels(tmp_path / "a_masked.png", config), atol=1e-6)
+    loss, _ = jax.jit(task.loss)(task.reference_params(), batch, jax.random.key(0))
+    assert np.isfinite(float(loss))
+    # The same config trains through the CLI's path (no MedSynth source: no evaluation).
+    wd = str(tmp_path / "wd")
+    config.data.batch_size = 8  # Divisible by the test session's 8 CPU devices.
+    assert cli.train(config, wd) == 0
+    assert [r["step"] for r in _loss_rows(wd)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"image": "a.png", "prompt": "q", "chosen": "yes"}, "'rejected' must be non-empty"),
+    ({"image": "a.png", "prompt": "q", "chosen": "yes", "rejected": " yes"}, "same answer"),
+    ({"image": "a.png", "rejected_images": ["x.png", "y.png"], "prompt": "q", "chosen": "a",
+      "rejected": "b"}, "2 rejected images for 1 images"),
+    ({"image": "a.png", "prompt": "q", "chosen": "a", "rejected": "b", "weight": -1},
+     "weight must be a number >= 0"),
+])
+def test_bad_preference_records_name_the_line(tmp_path, record, message):
+    from medvl_jax.data.errors import DataError
+
+    good = {"image": "a.png", "prompt": "q", "chosen": "a", "rejected": "b"}
+    path = _write_pairs(tmp_path, [good, record])
+    with pytest.raises(DataError, match=message) as e:
+        preferences.PreferenceFile(path)
+    assert "pairs.jsonl:2" in str(e.value)
