@@ -245,10 +245,15 @@ class PreferenceFile:
             if bad:
                 raise DataError(f"{' and '.join(repr(k) for k in bad)} must be non-empty "
                                 "strings", where=where, reason="bad_record")
-            images = [os.path.join(root, x) for x in sources._as_list(rec.get("image"))
-                      + sources._as_list(rec.get("images"))]
-            other = [os.path.join(root, x) for x in sources._as_list(rec.get("rejected_image"))
-                     + sources._as_list(rec.get("rejected_images"))]
+            refs = {k: sources._as_list(rec.get(k)) for k in
+                    ("image", "images", "rejected_image", "rejected_images")}
+            bad = [k for k, v in refs.items() if not all(isinstance(x, str) and x for x in v)]
+            if bad:
+                raise DataError(f"{' and '.join(repr(k) for k in bad)} must be image paths "
+                                "(strings)", where=where, reason="bad_record")
+            images = [os.path.join(root, x) for x in refs["image"] + refs["images"]]
+            other = [os.path.join(root, x) for x in refs["rejected_image"]
+                     + refs["rejected_images"]]
             if other and len(other) != len(images):
                 raise DataError(f"{len(other)} rejected images for {len(images)} images",
                                 where=where, reason="bad_record")

@@ -341,6 +341,8 @@ def test_preference_files_feed_dpo(sft_checkpoint, tmp_path):
       "rejected": "b"}, "2 rejected images for 1 images"),
     ({"image": "a.png", "prompt": "q", "chosen": "a", "rejected": "b", "weight": -1},
      "weight must be a number >= 0"),
+    ({"image": ["a.png", 3], "prompt": "q", "chosen": "a", "rejected": "b"},
+     "'image' must be image paths"),
 ])
 def test_bad_preference_records_name_the_line(tmp_path, record, message):
     from medvl_jax.data.errors import DataError
