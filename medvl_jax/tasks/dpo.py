@@ -204,7 +204,6 @@ class DPOTask:
         scored wrong becomes a rejected answer (a frequent mistake, several pairs). Sampling
         keys are fixed by ``train.seed``, so a resumed run mines the same pairs."""
         from medvl_jax.data import preferences
-        from medvl_jax.evaluate import scoring
         from medvl_jax.tasks import pretrained
 
         d = self.config.dpo
@@ -225,25 +224,18 @@ class DPOTask:
                              "medsynth sources, and data.sources has none with questions "
                              "(set dpo.mistake_fraction=0 for preference files)")
         jobs = [ex for ex in questions[process_index::process_count] for _ in range(k)]
-        bs = int(d.eval_batch_size)
         key = jax.random.fold_in(jax.random.key(int(self.config.train.seed)), process_index)
-        predictions, total = [], -(-len(jobs) // bs)
-        for i, start_row in enumerate(range(0, len(jobs), bs)):
-            chunk = jobs[start_row:start_row + bs]
-            texts = self.policy.generate_texts(start, chunk, batch_size=bs,
-                                               temperature=temperature,
-                                               rng=jax.random.fold_in(key, i))
-            predictions += [{"id": ex["id"], "prediction": t, "score": scoring.score(
-                ex["meta"]["question_type"], t, ex["meta"]["answer"])}
-                for ex, t in zip(chunk, texts)]
-            if (i + 1) % 10 == 0 or i + 1 == total:
-                print(f"mining mistakes: {i + 1}/{total} batches", flush=True)
-        pairs = preferences.mistake_pairs(jobs, predictions,
+
+        def progress(done, total):
+            if done % 10 == 0 or done == total:
+                print(f"mining mistakes: {done}/{total} batches", flush=True)
+        result = self.policy.evaluate_model(start, "train", examples=jobs, progress=progress,
+                                            temperature=temperature, rng=key)
+        pairs = preferences.mistake_pairs(jobs, result.get("predictions", []),
                                           weight=float(d.pair_weights.get("mistake", 1.0)))
-        right = float(np.mean([p["score"] for p in predictions])) if predictions else 0.0
         print(f"mined {len(pairs)} mistake pairs from {len(jobs)} answers to "
               f"{len(jobs) // k} training questions (the starting model's score "
-              f"{100 * right:.1f}%)", flush=True)
+              f"{100 * result.get('overall', 0.0):.1f}%)", flush=True)
         return pairs
 
     def evaluate(self, params, split: str = "test", *, progress=None) -> dict:

@@ -227,9 +227,14 @@ class SFTTask:
                                    condition=condition)
 
     def evaluate_model(self, model_params, split: str = "test", *, progress=None,
-                       condition: str = "real", examples: list[dict] | None = None) -> dict:
+                       condition: str = "real", examples: list[dict] | None = None,
+                       temperature: float = 0.0, rng=None) -> dict:
         """:meth:`evaluate` for plain model params (no LoRA factors), e.g. a reference model;
-        ``examples``: the questions to answer (default :meth:`eval_examples` of ``split``)."""
+        ``examples``: the questions to answer (default :meth:`eval_examples` of ``split``);
+        ``temperature`` > 0 samples the answers instead, batch ``k`` with the key
+        ``fold_in(rng, k)``."""
+        import jax
+
         from medvl_jax.evaluate import baselines, scoring
 
         if examples is None:
@@ -244,7 +249,10 @@ class SFTTask:
             chunk = examples[start:start + bs]
             shown = [baselines.apply(ex, condition, self.config.data) for ex in chunk]
             # The last chunk is padded so that the decode compiles once.
-            for ex, text in zip(chunk, self.generate_texts(model_params, shown, batch_size=bs)):
+            texts = self.generate_texts(model_params, shown, batch_size=bs,
+                                        temperature=temperature,
+                                        rng=None if rng is None else jax.random.fold_in(rng, k))
+            for ex, text in zip(chunk, texts):
                 qtype = ex["meta"]["question_type"]
                 s = scoring.score(qtype, text, ex["meta"]["answer"])
                 per_type.setdefault(qtype, []).append(s)
