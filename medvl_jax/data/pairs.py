@@ -309,7 +309,7 @@ class PairFeaturizer:
 
     def __post_init__(self):
         self.ops = pipeline.image_ops(self.cfg, train=self.train)
-        self.image_shape = image_shape(self.cfg)
+        self.image_shape = pipeline.image_shape(self.cfg)
 
     def image(self, pair: dict, rng: np.random.Generator | None) -> np.ndarray:
         """The preprocessed image of a pair."""
@@ -393,12 +393,6 @@ def in_chunks(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np
             chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
         out.append(np.asarray(fn(*chunk))[:batch_size - pad])
     return np.concatenate(out)
-
-
-def image_shape(cfg) -> tuple[int, ...]:
-    """Shape of one preprocessed image of the data section ``cfg`` (no batch axis)."""
-    spatial = tuple(cfg.volume_shape) if cfg.volume_shape is not None else (cfg.image_size,) * 2
-    return spatial + (cfg.channels,)
 
 
 def check_images(cfg, vision) -> None:

@@ -189,6 +189,12 @@ def decode_images(example: dict, cfg) -> list[np.ndarray]:
     return out
 
 
+def image_shape(cfg) -> tuple[int, ...]:
+    """Shape of one preprocessed image of the data section ``cfg`` (no batch axis)."""
+    spatial = tuple(cfg.volume_shape) if cfg.volume_shape is not None else (cfg.image_size,) * 2
+    return spatial + (cfg.channels,)
+
+
 @dataclasses.dataclass
 class Featurizer:
     """Turns one example into fixed-shape model inputs (one call per example)."""
@@ -203,9 +209,7 @@ class Featurizer:
             raise ValueError("the tokenizer has no pad token")
 
     def image_shape(self) -> tuple[int, ...]:
-        c = self.cfg
-        spatial = tuple(c.volume_shape) if c.volume_shape is not None else (c.image_size,) * 2
-        return spatial + (c.channels,)
+        return image_shape(self.cfg)
 
     def unpadded(self, example: dict, rng: np.random.Generator) -> dict:
         """The example's arrays at their own lengths: ``tokens``, ``input_mask``, ``mask_ar``,

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from medvl_jax.data import pairs
+from medvl_jax.data import pairs, pipeline
 from medvl_jax.data.medsynth import findings
 from medvl_jax.models import from_config
 from medvl_jax.models.classifier import ClassifierConfig, ImageClassifier
@@ -100,7 +100,7 @@ class ClassifyTask:
 
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed image (no batch axis)."""
-        return pairs.image_shape(self.config.data)
+        return pipeline.image_shape(self.config.data)
 
     def dummy_batch(self, batch_size: int) -> dict:
         """Zeros shaped like a real batch (for shape-only initialisation)."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medvl_jax.data import pairs
+from medvl_jax.data import pairs, pipeline
 from medvl_jax.models import from_config
 from medvl_jax.models.text_encoder import TextEncoderConfig
 from medvl_jax.models.two_tower import TwoTower, TwoTowerConfig
@@ -189,7 +189,7 @@ class ContrastiveTask:
 
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed image (no batch axis)."""
-        return pairs.image_shape(self.config.data)
+        return pipeline.image_shape(self.config.data)
 
     def dummy_batch(self, batch_size: int) -> dict:
         """Zeros shaped like a real batch (for shape-only initialisation)."""
