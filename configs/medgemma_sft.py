@@ -9,7 +9,7 @@ Commands (convert once, then train; DIRs are local paths):
         --config.init_from=/ckpt/medgemma --checkpoint /tmp/medgemma_sft
 
 Model, tokenizer, image size and image-token count (``mm_tokens_per_image``) come from the
-checkpoint (medvl_jax.tasks.pretrained). Gemma 3 chat format (``data.template = "gemma"``),
+checkpoint (medvl_jax.tasks.policy.resolve_config). Gemma 3 chat format (``data.template = "gemma"``),
 causal text with bidirectional attention inside each image, stopping at ``<end_of_turn>``.
 The data pipeline expands ``<image>`` placeholders into ``<image>`` tokens, so the
 checkpoint's image token must be the tokenizer's ``<image>``: a checkpoint whose image token
@@ -20,9 +20,9 @@ Results are not recorded yet.
 """
 import ml_collections
 
-from medvl_jax.tasks import pretrained
+from medvl_jax.tasks import sft
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return pretrained.finetune_config(smoke=arg == "smoke", template="gemma", prefix_lm=False,
+    return sft.finetune_config(smoke=arg == "smoke", template="gemma", prefix_lm=False,
                                       max_length=384, lr=1e-5, steps=2000)

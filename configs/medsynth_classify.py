@@ -8,8 +8,8 @@ The main job's vision tower (64x64 images, 8x8 patches, 3-layer ViT of width 128
 merge) with a linear head over its 16 tokens, trained with binary cross-entropy on nine labels
 per radiograph from the study's findings: a nodule in each of the six lung zones, an effusion
 on each side, cardiomegaly. Batch 128, 400 steps, lr 1e-3. At the end the per-label table
-(ROC-AUC, accuracy) on 500 MedSynth test studies is printed and written to
-<workdir>/classify_results.json.
+(ROC-AUC, accuracy) on 500 MedSynth test studies (evaluator ``test``) is printed and written to
+<workdir>/results.json.
 
 Measured (2 CPU cores, 2026-11-29): 0.35 s/step, 3.0 min with start-up and evaluation; test
 accuracy 99.6% over the nine labels (nodule per zone 98.4-100%, mean ROC-AUC 0.999). After 150
@@ -17,7 +17,7 @@ steps: 97.9% (nodule per zone 93.8-98.4%) -- and the SFT run on that tower answe
 closed nodule-per-zone questions at 68-72% instead of 79-88%: a tower that is almost right
 is not enough for the language model to read it.
 
-It is the first stage of configs/medsynth_sft.py (``sft.vision_stage``): a tower that sees
+It is the first stage of configs/medsynth_sft.py (``vision_stage``): a tower that sees
 the nodules (3-6 px at 64 px) before it meets language. Trained through the language model's
 answers alone, the tower does not learn them within the main job's budget.
 
@@ -26,7 +26,8 @@ answers alone, the tower does not learn them within the main job's budget.
 import ml_collections
 
 from medvl_jax.data import pipeline
-from medvl_jax.tasks import classify
+from medvl_jax.data.medsynth import prompts
+from medvl_jax.evaluate import evaluators
 from medvl_jax.train import loop, optim
 
 
@@ -50,8 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 64
     c.data.channels = 1
 
-    c.classify = classify.default_config()  # The nine MedSynth chest-radiograph labels.
-    c.classify.eval_studies = 16 if smoke else 500
+    c.classify = {"labels": prompts.CXR_LABELS}  # The nine MedSynth chest-radiograph labels.
+    c.evals = {"test": evaluators.entry("classify", evaluators.with_studies(
+        c.data.sources, 16 if smoke else 500))}
 
     c.model = ml_collections.ConfigDict({"vision": vision()})
 

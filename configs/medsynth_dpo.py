@@ -1,11 +1,10 @@
 """MedSynth DPO: preference optimisation of a MedSynth SFT model on chest radiographs (CPU).
 
-Command (after configs/medsynth_sft.py; an SFT workdir is exported to a checkpoint directory
-with ``medvl_jax.convert.workdir.resolve``, which writes ``<workdir>/export/step_<N>``):
+Command (after configs/medsynth_sft.py; ``init_from`` is its workdir, or any checkpoint
+directory):
 
-    python -c "from medvl_jax.convert import workdir; print(workdir.resolve('/tmp/medsynth_sft'))"
     python -m medvl_jax.train --config configs/medsynth_dpo.py --workdir /tmp/medsynth_dpo \
-        --config.init_from=/tmp/medsynth_sft/export/step_500
+        --config.init_from=/tmp/medsynth_sft
 
 Pairs (medvl_jax.data.preferences): the starting model's own mistakes. Before training it
 answers the counting and nodule-size questions of 1,000 training studies four times each at
@@ -29,12 +28,17 @@ guess), on all question types -1.3.
 With LoRA (``lora.rank > 0``) set ``--config.optim.freeze=`` so that LoRA freezes the whole
 base (its reference).
 
-`:smoke` runs a few steps on tiny data in seconds (used by tests).
+`:smoke` runs a few steps on tiny data in seconds (used by tests), standalone from a random
+policy of the SFT smoke model (its own reference), or from ``--config.init_from`` an SFT smoke
+workdir.
 """
 import ml_collections
 
+import os
+
+from medvl_jax import config as config_lib
 from medvl_jax.data import pipeline
-from medvl_jax.tasks import dpo
+from medvl_jax.evaluate import evaluators
 from medvl_jax.train import loop, optim
 
 TYPES = ("counting", "size")
@@ -44,9 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.task = "dpo"
-    c.init_from = ""                        # Required: the SFT checkpoint directory.
-    c.tokenizer = ""                        # "": the checkpoint's tokenizer/.
+    c.init_from = ""                        # The SFT workdir or checkpoint to start from.
+    c.tokenizer = ""                        # "": the checkpoint's tokenizer.
     c.model = ml_collections.ConfigDict()   # Empty: the checkpoint's model config.
+    if smoke:  # Standalone: the SFT smoke model, random (or --config.init_from its workdir).
+        sft = config_lib.load_config_file(os.path.join(os.path.dirname(__file__),
+                                                       "medsynth_sft.py:smoke"))
+        c.tokenizer, c.model = sft.tokenizer, sft.model
 
     c.data = pipeline.default_config()
     c.data.sources = {"cxr": pipeline.medsynth_source(  # Seed 3: not the SFT studies.
@@ -54,21 +62,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         question_types=TYPES)}
     c.data.batch_size = 8 if smoke else 16
     c.data.max_images = 1
-    c.data.image_size = None                # None: the checkpoint's.
-    c.data.num_image_tokens = None          # None: the checkpoint's.
+    c.data.image_size = 64 if smoke else None          # None: the checkpoint's.
+    c.data.num_image_tokens = 16 if smoke else None    # None: the checkpoint's.
     c.data.channels = 1
     c.data.max_length = 128                 # 64 image tokens + one question and answer.
     c.data.template = "gemma"               # As the SFT run.
     c.data.prefix_lm = True                 # As the SFT run.
 
-    c.dpo = dpo.default_config()
+    c.dpo = ml_collections.ConfigDict()     # The rest: the task's defaults.
     c.dpo.beta = 0.1
     c.dpo.nll_weight = 1.0
     c.dpo.mistake_fraction = 1.0            # Only the starting model's own mistakes.
     c.dpo.mistake_studies = 2 if smoke else 1000
     c.dpo.mistake_samples = 4
     c.dpo.mistake_temperature = 1.0
-    c.dpo.eval_studies = 0 if smoke else 600  # 1,039 test questions of the two types.
+    # 1,039 test questions of the two types, answered by the trained model, the starting
+    # model (before) and the trained model without images (no_image).
+    c.evals = {"test": evaluators.vqa(c.data.sources, studies=1 if smoke else 600,
+                                      batch_size=8 if smoke else 64, compare_start=True,
+                                      baselines=("no_image",))}
 
     c.optim = optim.default_config()
     c.optim.lr = 1e-5 if smoke else 5e-5

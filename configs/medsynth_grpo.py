@@ -1,11 +1,10 @@
 """MedSynth GRPO: RL with verifiable rewards on a MedSynth SFT model's chest radiographs (CPU).
 
-Commands (after configs/medsynth_sft.py; the SFT workdir is exported to a checkpoint directory
-once by ``medvl_jax.convert.workdir.resolve``):
+Commands (after configs/medsynth_sft.py; ``init_from`` is its workdir, or any checkpoint
+directory):
 
-    python -c "from medvl_jax.convert import workdir; print(workdir.resolve('/tmp/medsynth_sft'))"
     python -m medvl_jax.train --config configs/medsynth_grpo.py --workdir /tmp/medsynth_grpo \
-        --config.init_from=/tmp/medsynth_sft/export/step_500
+        --config.init_from=/tmp/medsynth_sft
 
 Each step samples 8 answers (temperature 1) to each of 4 questions with checkable answers
 (counting, and nodule sizes scored within 20% or 2 mm) on new studies, scores them with the
@@ -30,12 +29,17 @@ counting moved the overall score by -0.3 points, on multiple choice, counting an
 With LoRA (``lora.rank > 0``) set ``--config.optim.freeze=`` so that LoRA freezes the whole
 base (its reference).
 
-`:smoke` runs a few steps on tiny data (used by tests).
+`:smoke` runs a few steps on tiny data in seconds (used by tests), standalone from a random
+policy of the SFT smoke model (its own reference), or from ``--config.init_from`` an SFT smoke
+workdir.
 """
 import ml_collections
 
+import os
+
+from medvl_jax import config as config_lib
 from medvl_jax.data import pipeline
-from medvl_jax.tasks import grpo
+from medvl_jax.evaluate import evaluators
 from medvl_jax.train import loop, optim
 
 TYPES = ("counting", "size")
@@ -45,9 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.task = "grpo"
-    c.init_from = ""                        # Required: the SFT checkpoint directory.
-    c.tokenizer = ""                        # "": the checkpoint's tokenizer/.
+    c.init_from = ""                        # The SFT workdir or checkpoint to start from.
+    c.tokenizer = ""                        # "": the checkpoint's tokenizer.
     c.model = ml_collections.ConfigDict()   # Empty: the checkpoint's model config.
+    if smoke:  # Standalone: the SFT smoke model, random (or --config.init_from its workdir).
+        sft = config_lib.load_config_file(os.path.join(os.path.dirname(__file__),
+                                                       "medsynth_sft.py:smoke"))
+        c.tokenizer, c.model = sft.tokenizer, sft.model
 
     c.data = pipeline.default_config()
     c.data.sources = {"cxr": pipeline.medsynth_source(
@@ -55,18 +63,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         question_types=TYPES)}  # Seed 2: not the SFT studies; rendered as in the SFT job.
     c.data.batch_size = 8 if smoke else 32  # Completions: prompts x grpo.group_size.
     c.data.max_images = 1
-    c.data.image_size = None                # None: the checkpoint's.
-    c.data.num_image_tokens = None          # None: the checkpoint's.
+    c.data.image_size = 64 if smoke else None          # None: the checkpoint's.
+    c.data.num_image_tokens = 16 if smoke else None    # None: the checkpoint's.
     c.data.channels = 1
     c.data.max_length = 128                 # Prompt tokens (left-padded).
     c.data.template = "gemma"               # As the SFT run.
     c.data.prefix_lm = True                 # As the SFT run.
 
-    c.grpo = grpo.default_config()
+    c.grpo = ml_collections.ConfigDict()    # The rest: the task's defaults.
     c.grpo.group_size = 4 if smoke else 8
     c.grpo.max_new_tokens = 8
     c.grpo.beta = 0.04
-    c.grpo.eval_studies = 0 if smoke else 600  # 1,053 test questions of the two types.
+    # 1,053 test questions of the two types, answered by the trained model, the starting
+    # model (before) and the trained model without images (no_image).
+    c.evals = {"test": evaluators.vqa(c.data.sources, studies=1 if smoke else 600,
+                                      batch_size=8 if smoke else 64, compare_start=True,
+                                      baselines=("no_image",))}
 
     c.optim = optim.default_config()
     c.optim.lr = 1e-5 if smoke else 2e-5

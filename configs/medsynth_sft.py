@@ -4,14 +4,15 @@ Command (the README's main job):
 
     python -m medvl_jax.train --config configs/medsynth_sft.py --workdir /tmp/medsynth_sft
 
-Stage 1 (``sft.vision_stage``, 3 min): configs/medsynth_classify.py trains the vision tower
+Stage 1 (``vision_stage``, 3 min): configs/medsynth_classify.py trains the vision tower
 (3-layer ViT on 64x64 images, 2x2 token merge -> 16 tokens) to classify nine findings per
 radiograph (a nodule in each lung zone, an effusion on each side, cardiomegaly) into
 <workdir>/vision_stage. Stage 2 (10 min): the VLM (that tower, frozen; a 2-layer projector; a
 4-layer decoder from scratch: 4M parameters) is instruction-tuned for 500 steps of batch 32
 packed rows (cxr studies, closed questions on more cxr studies, prior/current pairs; one
 question per example, about 3.5 examples per 192-token row, prefix-LM). Then the
-per-question-type table on MedSynth test is printed and written to <workdir>/results.json.
+per-question-type table on MedSynth test (evaluator ``test``) is printed and written to
+<workdir>/results.json.
 
 Measured (2 CPU cores, 2026-11-29): 13.1 min wall for both stages (stage 2 1.2 s/step, test
 evaluation included). Test table (60 studies per source, 1,084 questions): closed 95.0%, open
@@ -34,19 +35,19 @@ What the stages buy (500 SFT steps each, measured 2026-11-29):
 * A stage-1 tower of 600 steps, frozen: closed 95.0%, 12.0 min for stage 2; not frozen (at a
   fifth of the decoder's lr): closed 94.6%, 1.55 s/step instead of 1.2 (the tower's backward
   pass).
-* A SigLIP tower (configs/medsynth_siglip.py, 12.1 min, then ``--config.sft.vision_init`` and
+* A SigLIP tower (configs/medsynth_siglip.py, 12.1 min, then ``--config.vision_init`` and
   ``model.vision.depth=2``): closed 85.4%, open 71.8%; nodule in a zone 56%.
 
 `:smoke` runs a few steps on tiny data in seconds from a random tower (used by tests; add
-``--config.sft.vision_stage=configs/medsynth_classify.py:smoke`` for both stages).
+``--config.vision_stage=configs/medsynth_classify.py:smoke`` for both stages).
 """
 import os
 
 import ml_collections
 
 from medvl_jax.data import pipeline
+from medvl_jax.evaluate import evaluators
 from medvl_jax.models import lora
-from medvl_jax.tasks import sft
 from medvl_jax.train import loop, optim
 
 
@@ -84,11 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_length = 192
     c.data.truncation = "right"
 
-    c.sft = sft.default_config()
+    c.sft = {"normalise": "token"}
     # Stage 1, in the same command: the vision tower learns the findings from labelled
     # radiographs (configs/medsynth_classify.py, 3 minutes) and then stays frozen here.
-    if not smoke:  # Smoke runs start from scratch (tests set sft.vision_stage to try it).
-        c.sft.vision_stage = os.path.join(os.path.dirname(__file__), "medsynth_classify.py")
+    # Smoke runs start from scratch (tests set vision_stage to try it).
+    c.vision_stage = "" if smoke else os.path.join(os.path.dirname(__file__),
+                                                   "medsynth_classify.py")
     # 64x64 images, 8x8 patches, 2x2 token merge -> 16 image tokens each. (token_merge=1 and
     # feature_layer=depth give LLaVA's layout, exportable to transformers: see
     # tests/convert/test_workdir.py.)
@@ -115,5 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 6 if smoke else 500
     c.train.log_every = 2 if smoke else 25
     c.train.checkpoint_every = 3 if smoke else 250
-    c.sft.eval_studies = 4 if smoke else 60
+    # Every question of 60 test studies per source (1,084 questions), answered greedily.
+    c.evals = {"test": evaluators.vqa(c.data.sources, studies=4 if smoke else 60)}
     return c

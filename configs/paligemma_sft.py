@@ -10,7 +10,7 @@ Commands (convert once, then train; DIRs are local paths):
         --config.init_from=/ckpt/paligemma --checkpoint /tmp/paligemma_sft
 
 Model, tokenizer, image size and image-token count come from the checkpoint
-(medvl_jax.tasks.pretrained). PaliGemma is a prefix-LM: the prompt (image tokens and question)
+(medvl_jax.tasks.policy.resolve_config). PaliGemma is a prefix-LM: the prompt (image tokens and question)
 attends bidirectionally (``data.prefix_lm``), the answer causally. It has no chat template of
 its own; the prompt is wrapped in the Gemma turn markers its tokenizer already holds
 (``data.template = "gemma"``), stopping at ``<end_of_turn>``. Full fine-tuning, lr 1e-5.
@@ -20,9 +20,9 @@ Results are not recorded yet.
 """
 import ml_collections
 
-from medvl_jax.tasks import pretrained
+from medvl_jax.tasks import sft
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return pretrained.finetune_config(smoke=arg == "smoke", template="gemma", prefix_lm=True,
+    return sft.finetune_config(smoke=arg == "smoke", template="gemma", prefix_lm=True,
                                       max_length=384, lr=1e-5, steps=2000)

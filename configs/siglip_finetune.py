@@ -7,7 +7,8 @@ Convert a Hugging Face SiglipModel directory first, then train from it:
         --config.init_from=/tmp/siglip_ckpt
 
 The model, tokenizer, image size and text length come from the checkpoint
-(:func:`medvl_jax.tasks.contrastive.resolve_config`); the sigmoid loss, the bias and the
+(:func:`medvl_jax.tasks.contrastive.resolve_config`; ``init_from`` may also be a contrastive
+training workdir); the sigmoid loss, the bias and the
 temperature continue from their pretrained values. Text is SigLIP-style: padded to the
 checkpoint's text length, no attention mask. Images are rendered at 128 px and resized to the
 checkpoint's size, 3 channels. No numbers are measured for this config (it needs a real
@@ -18,7 +19,8 @@ SigLIP checkpoint, which cannot be downloaded here).
 import ml_collections
 
 from medvl_jax.data import pipeline
-from medvl_jax.tasks import contrastive
+from medvl_jax.data.medsynth import prompts
+from medvl_jax.evaluate import evaluators
 from medvl_jax.train import loop, optim
 
 
@@ -38,13 +40,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_length = None                # None: the checkpoint's text length.
     c.data.batch_size = 8 if smoke else 64
 
-    c.contrastive = contrastive.default_config()
-    c.contrastive.loss = "siglip"
-    c.contrastive.sentences = 0             # Whole reports.
-    c.contrastive.text_mask = False         # As SigLIP was trained: padded, no mask.
-    c.contrastive.eval_studies = 8 if smoke else 300
-    c.contrastive.probe_studies = 8 if smoke else 500
-    c.contrastive.eval_batch_size = 8 if smoke else 50
+    c.contrastive = {"loss": "siglip", "sentences": 0,  # Whole reports.
+                     "text_mask": False,  # As SigLIP was trained: padded, no mask.
+                     "embed_batch_size": 8 if smoke else 50}
+    c.evals = evaluators.image_text(c.data.sources, studies=8 if smoke else 300,
+                                    probe_studies=8 if smoke else 500,
+                                    classes=prompts.zero_shot_classes("report"))
 
     c.optim = optim.default_config()
     c.optim.lr = 1e-5

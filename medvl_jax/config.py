@@ -100,8 +100,15 @@ def parse_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, object]], list
 
 def load_config(spec: str, overrides: Sequence[tuple[str, object]] = ()) -> \
         ml_collections.ConfigDict:
-    """Loads a config file and applies overrides; the result is locked (no new keys)."""
+    """Loads a config file and applies overrides; the result is locked (no new keys). Before
+    the overrides, a training config (one with a ``task``) is completed with what the file
+    may leave out — its task section's defaults and the optional top-level keys
+    (:func:`medvl_jax.tasks.complete_config`) — so that those can be overridden too."""
     config = load_config_file(spec)
+    if "task" in config:
+        from medvl_jax import tasks
+
+        config = tasks.complete_config(config)
     for key, value in overrides:
         apply_override(config, key, value)
     config.lock()

@@ -33,6 +33,7 @@ import numpy as np
 from medvl_jax.convert import checkpoint_io
 from medvl_jax.data.errors import DataError
 from medvl_jax.models.from_config import num_image_tokens
+from medvl_jax.models.decoder import DecoderConfig
 from medvl_jax.models.vlm import VLMConfig
 from medvl_jax.sampling.sampler import generate
 
@@ -118,21 +119,23 @@ def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens:
         modality: str | None = None) -> str:
     """Loads the checkpoint (a converted directory or a training workdir), generates and
     returns the decoded completion. ``modality``: see :func:`trained_prompt`."""
-    from medvl_jax.convert import workdir
-    from medvl_jax.data.tokenizer import load_tokenizer
+    from medvl_jax.data import pipeline
+    from medvl_jax.train import restore
 
-    checkpoint = workdir.resolve(checkpoint)
-    model, params, meta = checkpoint_io.load_checkpoint(checkpoint)
-    config = model.config
-    tok_dir = checkpoint_io.tokenizer_dir(checkpoint)
-    if tok_dir is None:
-        raise checkpoint_io.CheckpointError(f"{checkpoint}: no tokenizer/ directory")
-    tokenizer = load_tokenizer(tok_dir)
+    ckpt = restore.load(checkpoint)
+    config, params = ckpt.model_config, ckpt.params
+    if ckpt.is_workdir and not isinstance(config, (VLMConfig, DecoderConfig)):
+        raise checkpoint_io.CheckpointError(
+            f"{checkpoint}: a {ckpt.config.task} run's model does not generate text")
+    if not ckpt.tokenizer:
+        raise checkpoint_io.CheckpointError(f"{checkpoint}: no tokenizer")
+    tokenizer = pipeline.make_tokenizer(ckpt.tokenizer)
+    tok_dir = None if ckpt.is_workdir else ckpt.tokenizer
     if images and not isinstance(config, VLMConfig):
         raise checkpoint_io.CheckpointError(
-            f"{checkpoint}: --image given but {meta['family']} is a text-only model")
-    if meta.get("data_config"):  # Trained here: prompts exactly as in training.
-        tokens, mask_ar, pixels, stops = trained_prompt(meta["data_config"], tokenizer, prompt,
+            f"{checkpoint}: --image given but {type(config).__name__} is a text-only model")
+    if ckpt.data_config:  # Trained here: prompts exactly as in training.
+        tokens, mask_ar, pixels, stops = trained_prompt(ckpt.data_config, tokenizer, prompt,
                                                         list(images), modality)
     else:
         ids = prompt_ids(tokenizer, prompt)

@@ -412,18 +412,6 @@ def check_images(cfg, vision) -> None:
                          f"{vision.num_channels}")
 
 
-def eval_source(sources, name: str, field: str) -> tuple[str, dict] | None:
-    """The MedSynth source of ``sources`` to evaluate on: the one named ``name`` (an error
-    naming ``field`` if it is not a MedSynth source), else the first by name; None if none."""
-    medsynth = {k: dict(v) for k, v in sorted(dict(sources).items()) if v["kind"] == "medsynth"}
-    if name:
-        if name not in medsynth:
-            raise ValueError(f"{field}={name!r} is not a MedSynth source of data.sources "
-                             f"({sorted(medsynth)})")
-        return name, medsynth[name]
-    return next(iter(medsynth.items()), None)
-
-
 def medsynth_labels(record: dict, *, regional: bool = False) -> dict[str, bool]:
     """Binary findings of a MedSynth study: cxr → nodule, effusion, cardiomegaly;
     ct → nodule. ``regional`` adds, for cxr, a nodule per lung zone (``nodule_right_upper``
@@ -448,20 +436,53 @@ def medsynth_labels(record: dict, *, regional: bool = False) -> dict[str, bool]:
                     reason="bad_config")
 
 
-def medsynth_eval_set(cfg, spec: Mapping, split: str, num_studies: int, *,
-                      regional: bool = False) -> dict:
-    """The first ``num_studies`` MedSynth studies of ``split`` for evaluation:
-    ``{"images": float32 [N, ...], "reports": [str], "labels": {name: bool [N]}}`` (images
-    preprocessed as at test time; ``regional``: see :func:`medsynth_labels`)."""
-    src = medsynth_records(spec, split, num_studies)
+def eval_set(cfg, srcs: Mapping[str, Mapping], split: str, limit: int = 0) -> dict:
+    """Images with their texts and labels, for evaluators, from the named sources ``srcs``
+    (entries like those of ``data.sources``, in name order; ``limit`` > 0: the first
+    ``limit`` records of each):
+
+    * ``medsynth``: each study's report and its findings (:func:`medsynth_labels`, regional
+      ones included) — ``split`` picks the studies;
+    * ``pairs`` JSONL: each line's text;
+    * ``labels`` JSONL: each line's labels (a label a line does not state is unknown).
+
+    Returns ``{"images": float32 [N, ...] (preprocessed as at test time by ``cfg``), "texts":
+    [str | None], "labels": {name: int8 [N]}}`` with labels 1 (present), 0 (absent) and -1
+    (unknown).
+    """
     feat = PairFeaturizer(cfg, None, train=False)
-    images, reports, labels = [], [], {}
-    for i in range(len(src)):
-        rec = src[i]
-        images.append(feat.image({"id": rec["id"], "image": rec["image"],
-                                  "modality": rec["modality"]}, None))
-        reports.append(rec["report"])
-        for k, v in medsynth_labels(rec, regional=regional).items():
-            labels.setdefault(k, []).append(v)
-    return {"images": np.stack(images), "reports": reports,
-            "labels": {k: np.asarray(v, bool) for k, v in labels.items()}}
+    images, texts, labels = [], [], []
+    for name, spec in sorted(dict(srcs).items()):
+        spec = dict(spec)
+        kind = spec.get("kind")
+        if kind == "medsynth":
+            records = medsynth_records(spec, split)
+        elif kind in ("pairs", "labels"):
+            records = JsonlPairs(spec["path"], spec.get("image_root"), labels=kind == "labels")
+        else:
+            raise ValueError(f"evaluation data {name!r}: kind must be medsynth, pairs or labels "
+                             f"for image evaluators, got {kind!r}")
+        n = len(records) if not limit else min(int(limit), len(records))
+        for i in range(n):
+            rec = records[i]
+            images.append(feat.image({"id": rec["id"], "image": rec["image"],
+                                      "modality": rec.get("modality")}, None))
+            if kind == "medsynth":
+                texts.append(rec["report"])
+                labels.append(medsynth_labels(rec, regional=True))
+            elif kind == "pairs":
+                texts.append(rec["text"])
+                labels.append({})
+            else:
+                texts.append(None)
+                lab = rec["labels"]
+                if isinstance(lab, (str, list)):  # The labels named; every other is absent.
+                    labels.append({"*": False, **{str(k): True for k in (
+                        [lab] if isinstance(lab, str) else lab)}})
+                else:
+                    labels.append({str(k): bool(v) for k, v in lab.items()})
+    names = sorted({k for row in labels for k in row} - {"*"})
+    table = {k: np.asarray([int(row[k]) if k in row else 0 if "*" in row else -1
+                            for row in labels], np.int8) for k in names}
+    return {"images": np.stack(images) if images else np.zeros((0,)), "texts": texts,
+            "labels": table}

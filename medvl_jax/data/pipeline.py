@@ -119,6 +119,67 @@ def build_source(name: str, spec: dict, split: str, qa_per_example: int) -> sour
     return sources.SourceSpec(name, src, fn, weight)
 
 
+def _is_medsynth(spec: dict) -> bool:
+    return spec.get("kind") == "medsynth" or (
+        spec.get("kind") == "tfds" and str(spec.get("name", "")).split("/")[0] == "medsynth"
+        and not spec.get("to_example"))
+
+
+def question_examples(srcs, split: str, *, limit: int = 0) -> list[dict]:
+    """Single-question examples of the named sources ``srcs`` (entries like those of
+    ``data.sources``) for evaluation or mining, sources in name order: every question of each
+    MedSynth study (of the entry's ``question_types``, if any), every record of a JSON
+    conversation file or TFDS dataset (its final answer is the reference). ``limit`` > 0:
+    the first ``limit`` records (studies) of each source. ``meta["source"]`` names the
+    source."""
+    out = []
+    for name, spec in sorted(dict(srcs).items()):
+        spec = dict(spec)
+        built = build_source(name, spec, split, qa_per_example=1)
+        n = len(built.records) if not limit else min(int(limit), len(built.records))
+        types = tuple(spec.get("question_types") or ())
+        for i in range(n):
+            rec = built.records[i]
+            if _is_medsynth(spec):
+                exs = [ex for ex in sources.medsynth_questions(rec)
+                       if not types or ex["meta"]["question_type"] in types]
+            else:
+                exs = [built.to_example(rec, np.random.default_rng(0))]
+            for ex in exs:
+                ex["meta"]["source"] = name
+            out.extend(exs)
+    return out
+
+
+REPORT_PROMPT = "Write the radiology report."
+
+
+def report_examples(srcs, split: str, *, limit: int = 0) -> list[dict]:
+    """Report-generation examples of the named sources ``srcs``: one per MedSynth study
+    (:data:`REPORT_PROMPT`, the study's report as the reference and ``meta["findings"]`` its
+    structured findings, for clinical metrics) and one per record of a conversation source
+    (its final answer as the reference). Every example's question type is ``report``."""
+    out = []
+    for name, spec in sorted(dict(srcs).items()):
+        spec = dict(spec)
+        built = build_source(name, spec, split, qa_per_example=1)
+        n = len(built.records) if not limit else min(int(limit), len(built.records))
+        for i in range(n):
+            rec = built.records[i]
+            if _is_medsynth(spec):
+                qa = [{"question": REPORT_PROMPT, "answer": sources._text(rec["report"]),
+                       "type": "report"}]
+                ex = sources.medsynth_to_example({**rec, "qa": qa}, np.random.default_rng(0))
+                ex["id"] = f"{ex['id']}/report"
+                ex["meta"].update(findings=rec["findings"], options=[])
+            else:
+                ex = built.to_example(rec, np.random.default_rng(0))
+                ex["meta"]["question_type"] = "report"
+            ex["meta"]["source"] = name
+            out.append(ex)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Example → model inputs.
 # --------------------------------------------------------------------------------------------

@@ -2,21 +2,23 @@
 
     python -m medvl_jax.evaluate --checkpoint DIR [--config configs/X.py[:arg]] \
         [--benchmark medsynth] [--protocol NAME[,NAME...]] [--baselines no_image,blur,noise]
-        [--data_dir DIR] [--split test] [--limit N] [--out DIR] [--config.k=v ...]
+        [--data_dir DIR] [--split test] [--limit N] [--studies N] [--batch_size N]
+        [--max_new_tokens N] [--evals] [--out DIR] [--config.k=v ...]
 
 ``DIR`` is either
 
-* a training workdir: its newest checkpoint under ``DIR/checkpoints`` is restored onto the
-  task's abstract train state (the sharded layout the training loop uses). Without
-  ``--config`` the config saved with that checkpoint is used; a config whose ``model``
-  section is empty (the fine-tune configs) takes the model, tokenizer and image fields from
-  the saved one; or
+* a training workdir: the parameters of its newest checkpoint under ``DIR/checkpoints`` are
+  restored with the training shardings (:func:`medvl_jax.train.restore.restore_params`).
+  Without ``--config`` the config saved with that checkpoint is used; a config whose
+  ``model`` section is empty (the fine-tune configs) takes the model, tokenizer and image
+  fields from the saved one; or
 * a converted checkpoint directory (``python -m medvl_jax.convert.from_hf``): used as the
-  config's ``init_from`` (see medvl_jax.tasks.pretrained), its params evaluated as they are
-  (``--config`` is then required).
+  config's ``init_from`` (:func:`medvl_jax.train.restore.load`), its params evaluated as they
+  are (``--config`` is then required).
 
 Generative tasks (sft, dpo, grpo) are evaluated by :mod:`medvl_jax.evaluate.harness`:
-``--benchmark`` is ``medsynth`` (every question of the config's MedSynth sources),
+``--benchmark`` is ``medsynth`` (every question of ``--studies`` studies of each of the
+config's MedSynth sources),
 ``medsynth_report`` or a name of :mod:`medvl_jax.data.benchmarks`; ``--protocol`` is one or
 more names of :data:`medvl_jax.evaluate.protocols.PROTOCOLS` (default: ``medsynth`` on
 MedSynth benchmarks, ``exact`` elsewhere); ``--baselines`` are sanity conditions of
@@ -29,9 +31,10 @@ per-question-type table per protocol (real score beside each baseline) is printe
     predictions_<benchmark>_<split>_<protocol>_<condition>.jsonl   one row per example
     scores_<benchmark>_<split>.png                            bar chart: scores vs baselines
 
-A contrastive checkpoint gets the task's own zero-shot classification and retrieval
-evaluation (``medvl_jax.evaluate.retrieval``: ROC AUC, accuracy, Recall@K), stamped as
-protocol ``contrastive_zero_shot`` version 1.
+A model that does not generate text (contrastive, classify, MAE), or any model with
+``--evals``, is evaluated by the config's declared evaluators (``config.evals``, see
+:mod:`medvl_jax.evaluate.evaluators`: zero-shot, retrieval, classification, linear probe)
+on ``--split``; their tables are printed and written to ``<out>/evals_<split>.json``.
 """
 from __future__ import annotations
 
@@ -43,18 +46,11 @@ import sys
 import ml_collections
 
 from medvl_jax import config as config_lib
-from medvl_jax.convert import checkpoint_io
-from medvl_jax.data import pipeline
 from medvl_jax.evaluate import baselines as baselines_lib
+from medvl_jax.evaluate import evaluators as evaluators_lib
 from medvl_jax.evaluate import harness
 from medvl_jax.evaluate import protocols as protocols_lib
-from medvl_jax.tasks import pretrained
-from medvl_jax.train import cli as train_cli
-
-
-def _saved_config(manager, step: int) -> dict:
-    cfg = manager.read_metadata(step).get("config")
-    return json.loads(cfg) if isinstance(cfg, str) else (cfg or {})
+from medvl_jax.train import restore, run
 
 
 def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
@@ -85,56 +81,34 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
 
 def load(config: ml_collections.ConfigDict, directory: str):
     """``(config, task, params, step)`` for evaluating ``directory`` (a training workdir or a
-    converted checkpoint) with ``config``; ``step`` is None for a converted checkpoint."""
-    import jax
-
-    from medvl_jax.parallel import mesh as mesh_lib
-    from medvl_jax.train import loop, optim
-    from medvl_jax.train import state as state_lib
-
+    converted checkpoint, opened by :func:`medvl_jax.train.restore.load`) with ``config``;
+    ``params`` are the task's params (LoRA factors unmerged), ``step`` is None for a
+    converted checkpoint."""
     directory = os.path.abspath(directory)
-    ckpt_dir = os.path.join(directory, "checkpoints")
-    if os.path.isfile(os.path.join(directory, checkpoint_io.META_FILE)):
-        config = pretrained.resolve_config(_with(config, init_from=directory))
-        tokenizer = pipeline.make_tokenizer(config.tokenizer)
-        pretrained.check_tokenizer(tokenizer, pretrained.checkpoint_config(directory), directory)
-        task = train_cli.TASKS[config.task][0](config, tokenizer)
-        return config, task, pretrained.load_params(directory, task), None
-    manager, step = _latest_checkpoint(ckpt_dir)
-    if step is None:
-        raise FileNotFoundError(
-            f"--checkpoint {directory}: neither a training workdir (no complete checkpoint "
-            f"under {ckpt_dir}) nor a converted checkpoint (no {checkpoint_io.META_FILE})")
-    saved = _saved_config(manager, step)
+    ckpt = restore.load(directory)
+    if not ckpt.is_workdir:  # A converted checkpoint is the config's starting model.
+        config, task, _ = run.build(_with(config, init_from=directory))
+        return config, task, task.pretrained_params(), None
+    saved = ckpt.config.to_dict()
     if (not config.get("init_from") and "model" in config and not config.model
             and saved.get("model")):
         data = saved.get("data", {})
         config = _with(config, model=saved.get("model"), tokenizer=saved.get("tokenizer"),
                        data__image_size=data.get("image_size"),
                        data__num_image_tokens=data.get("num_image_tokens"))
-    config = pretrained.resolve_config(config)
-    if saved.get("model") is not None:
+    if saved.get("model") is not None and config.get("model"):
         diff = _first_difference(config.model.to_dict(), saved["model"], "model.")
         if diff:
-            raise ValueError(f"--checkpoint {directory} (step {step}) was trained with another "
-                             f"model: {diff}")
-    tokenizer = pipeline.make_tokenizer(config.tokenizer)
-    task = train_cli.TASKS[config.task][0](config, tokenizer)
+            raise ValueError(f"--checkpoint {directory} (step {ckpt.step}) was trained with "
+                             f"another model: {diff}")
+    if config.get("init_from"):  # The model is the saved one: nothing to start from.
+        config = _with(config, init_from="")
+    from medvl_jax.parallel import mesh as mesh_lib
 
-    # The train state's abstract layout, exactly as the loop builds it.
     mesh = mesh_lib.make_mesh(dict(config.train.mesh))
-    init_rng = jax.random.split(jax.random.key(config.train.seed))[0]
-    dummy = task.dummy_batch(int(config.data.batch_size) // jax.process_count())
-    _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
-    tx, _ = optim.make_optimizer(loop.optim_config(config), params_shape, config.train.steps)
-    target, _ = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
-    try:
-        state = manager.restore_state(step, target)
-    except Exception as e:  # Orbax names the leaf; add which checkpoint and why.
-        raise ValueError(f"cannot restore {ckpt_dir} step {step} with this config (model, "
-                         f"optim.freeze or LoRA settings differ from the run's?): "
-                         f"{type(e).__name__}: {e}") from e
-    return config, task, state.params, step
+    config, task, params, step = restore.restore_params(directory, ckpt.step, config=config,
+                                                        mesh=mesh)
+    return config, task, params, step
 
 
 def _progress(split: str):
@@ -154,37 +128,16 @@ def _progress(split: str):
     return show, bar.close
 
 
-# The stamp of a contrastive checkpoint's evaluation (the task's zero-shot classification,
-# retrieval and linear probe).
-CONTRASTIVE_PROTOCOL = {"protocol": "contrastive_zero_shot", "version": "1"}
-
-
-def _latest_checkpoint(ckpt_dir: str):
-    """``(checkpoint manager, newest complete step)`` of ``ckpt_dir``; ``(None, None)`` when
-    it holds none."""
-    from medvl_jax.train import checkpoint as ckpt_lib
-
-    if not os.path.isdir(ckpt_dir):
-        return None, None
-    manager = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
-    step = manager.latest_step()
-    return (manager, step) if step is not None else (None, None)
-
-
 def config_from_checkpoint(directory: str, overrides=()) -> ml_collections.ConfigDict:
     """The config saved with the newest checkpoint of training workdir ``directory``, with
     ``overrides`` (``(dotted key, value)`` pairs) applied; locked."""
-    ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
-    manager, step = _latest_checkpoint(ckpt_dir)
-    if step is None:
+    directory = os.path.abspath(directory)
+    if not restore.is_workdir(directory) or restore.latest_step(directory) is None:
         raise FileNotFoundError(
-            f"--checkpoint {directory}: no training checkpoint under {ckpt_dir} to take the "
-            f"config from; pass --config (required for a converted checkpoint)")
-    saved = _saved_config(manager, step)
-    if not saved:
-        raise ValueError(f"--checkpoint {directory} (step {step}) holds no saved config; "
-                         f"pass --config")
-    config = ml_collections.ConfigDict(saved)
+            f"--checkpoint {directory}: no training checkpoint under "
+            f"{os.path.join(directory, restore.CHECKPOINTS)} to take the config from; pass "
+            f"--config (required for a converted checkpoint)")
+    config, _ = restore.saved_config(directory)
     for key, value in overrides:
         config_lib.apply_override(config, key, value)
     config.lock()
@@ -201,11 +154,14 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
              out: str | None = None, benchmark: str = "medsynth",
              protocols: str | list | None = None,
              baselines: str | list = ",".join(baselines_lib.DEFAULT),
-             data_dir: str | None = None, limit: int | None = None) -> dict:
+             data_dir: str | None = None, limit: int | None = None, studies: int = 100,
+             batch_size: int = 64, max_new_tokens: int = 16,
+             declared: bool = False) -> dict:
     """Evaluates ``directory`` (see :func:`load`) on ``benchmark`` under ``protocols``
     (names, comma-separated or a list; default by benchmark) and ``baselines``, writes the
     summary, prediction and chart files into ``out`` (default: ``directory``) and returns
-    the results (predictions included, ``"files"`` naming what was written)."""
+    the results (predictions included, ``"files"`` naming what was written). ``declared``
+    (always for a model that does not generate text): run the config's ``evals`` instead."""
     # Names are checked before the checkpoint is loaded.
     named = protocols is not None
     plist = protocols_lib.parse_list(protocols if named else
@@ -215,24 +171,25 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
     harness.check_benchmark(benchmark)
     config, task, params, step = load(config, directory)
     out = os.path.abspath(out or directory)
+    if declared or "text" not in task.outputs:
+        if named or benchmark != "medsynth":
+            raise ValueError(f"task {task.name!r} does not generate text: --benchmark and "
+                             f"--protocol apply to tasks whose model answers (sft, dpo, grpo); "
+                             f"its evaluators are the config's evals")
+        return _evaluate_declared(config, task, params, split, out, checkpoint=directory,
+                                  step=step)
     summary_name, rows_name, chart_name = _files(benchmark, split)
-    try:
-        harness.generative_policy(task)
-    except ValueError:
-        if not hasattr(task, "evaluate") or named or benchmark != "medsynth":
-            raise
-        return _evaluate_embeddings(task, params, split, out, summary_name,
-                                    checkpoint=directory, step=step)
-    examples = harness.load_examples(benchmark, task, split, data_dir, limit)
+    examples = harness.load_examples(benchmark, config, split, data_dir, limit, studies)
     if not examples:
         raise ValueError(f"nothing to evaluate on {benchmark!r} {split!r}: the config has no "
-                         f"MedSynth source or sft.eval_studies=0"
-                         if benchmark.startswith("medsynth") else
+                         f"MedSynth source" if benchmark.startswith("medsynth") else
                          f"benchmark {benchmark!r} has no {split!r} examples")
     show, close = _progress(f"{benchmark} {split}")
     try:
-        results = harness.evaluate(task, params, examples, plist, baselines=blist,
-                                   progress=show, benchmark=benchmark, split=split)
+        results = harness.evaluate(task, task.model_params(params), examples, plist,
+                                   baselines=blist, progress=show, benchmark=benchmark,
+                                   split=split, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, data_config=config.data)
     finally:
         close()
     os.makedirs(out, exist_ok=True)
@@ -254,18 +211,27 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
             "out": out}
 
 
-def _evaluate_embeddings(task, params, split, out, summary_name, *, checkpoint, step) -> dict:
-    """A contrastive checkpoint: the task's own evaluation, stamped and written."""
-    results = task.evaluate(params, split)
-    if not results:
-        raise ValueError(f"nothing to evaluate on {split!r}: the config has no MedSynth source "
-                         f"or its eval_studies=0")
-    results = {**CONTRASTIVE_PROTOCOL, **results, "checkpoint": os.path.abspath(checkpoint),
-               "step": step}
+def _evaluate_declared(config, task, params, split, out, *, checkpoint, step) -> dict:
+    """The config's declared evaluators (``config.evals``) on ``split``; their results
+    written to ``<out>/evals_<split>.json``."""
+    entries = {}
+    for name, e in dict(config.get("evals") or {}).items():
+        e = e.to_dict() if hasattr(e, "to_dict") else dict(e)
+        entries[name] = {**e, "split": split}
+    if not entries:
+        raise ValueError(f"the config declares no evaluators (config.evals) to run on "
+                         f"{checkpoint}")
+    evals = evaluators_lib.build(_with(config, evals=entries), task)
+    results = {name: ev(params) for name, ev in evals.items()}
     os.makedirs(out, exist_ok=True)
+    summary_name = f"evals_{split}.json"
     with open(os.path.join(out, summary_name), "w") as f:
-        json.dump(results, f, indent=1)
-    return {**results, "files": {"summary": summary_name}, "out": out, "contrastive": True}
+        json.dump({"checkpoint": os.path.abspath(checkpoint), "step": step,
+                   **{n: {k: v for k, v in r.items() if k != "predictions"}
+                      for n, r in results.items()}}, f, indent=1)
+    return {"evals": results, "tables": {n: evals[n].format(r) for n, r in results.items()},
+            "files": {"summary": summary_name}, "out": out, "checkpoint": checkpoint,
+            "step": step}
 
 
 def main(argv=None) -> int:
@@ -293,23 +259,33 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", help="data split (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--out", default=None, help="output directory (default: --checkpoint)")
+    p.add_argument("--studies", type=int, default=100,
+                   help="MedSynth benchmarks: studies per MedSynth source (default: 100)")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts per generated batch")
+    p.add_argument("--max_new_tokens", type=int, default=16,
+                   help="token budget of an answer (a protocol may set its own)")
+    p.add_argument("--evals", action="store_true",
+                   help="run the config's declared evaluators (config.evals) instead of a "
+                        "benchmark (always, for a model that does not generate text)")
     args = p.parse_args(rest)
     try:
         if args.config:
-            config = config_lib.load_config(args.config, overrides)
+            config = run.load(args.config, overrides)
         else:
             config = config_from_checkpoint(args.checkpoint, overrides)
-        train_cli.validate(config)
+            run.validate(config)
         results = evaluate(config, args.checkpoint, split=args.split, out=args.out,
                            benchmark=args.benchmark, protocols=args.protocol,
-                           baselines=args.baselines, data_dir=args.data_dir, limit=args.limit)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+                           baselines=args.baselines, data_dir=args.data_dir, limit=args.limit,
+                           studies=args.studies, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, declared=args.evals)
+    except (FileNotFoundError, ValueError, KeyError, restore.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = results["out"]
-    if results.get("contrastive"):
-        print(json.dumps({k: v for k, v in results.items()
-                          if k not in ("files", "out", "contrastive")}, indent=1))
+    if "evals" in results:
+        for table in results["tables"].values():
+            print(table)
         print(f"results written to {os.path.join(out, results['files']['summary'])}")
         return 0
     print(harness.format_tables(results))

@@ -1,7 +1,9 @@
 """Running evaluation protocols over a benchmark with a generative task (SFT, DPO, GRPO).
 
-    examples = harness.load_examples("medsynth", task, "test")
-    results = harness.evaluate(task, params, examples, protocols.parse_list("exact,llava_med"),
+    examples = harness.load_examples("medsynth", config, "test")
+    results = harness.evaluate(task, model_params, examples,
+                               protocols.parse_list("exact,llava_med"), batch_size=64,
+                               max_new_tokens=16, data_config=config.data,
                                baselines=("no_image", "blur", "noise"))
     print(harness.format_tables(results))
 
@@ -10,7 +12,7 @@ protocol, every example is prompted as the protocol says, answered by batched gr
 generation with the task's KV-cache sampler, parsed and scored. Generations are shared: the
 answer to one prompt under one condition and token budget is generated once, so protocols
 that add no instruction (exact, medsynth, llava_med, llava_med_strict, token_f1) cost one
-generation between them. Batches have the task's ``sft.eval_batch_size`` rows (the last one
+generation between them. Batches have ``batch_size`` rows (the last one
 padded), so each token budget compiles the decode once. Everything is deterministic.
 
 Results: per protocol (stamped with its name and version) and condition, a per-question-type
@@ -32,48 +34,18 @@ from medvl_jax.evaluate import report_metrics
 # medvl_jax.data.benchmarks).
 BUILTIN_BENCHMARKS = {
     "medsynth": "every MedSynth question of the config's MedSynth sources "
-                "(sft.eval_studies studies per source)",
+                "(--studies studies per source)",
     "medsynth_report": "report generation on the same studies ('Write the radiology report.')",
 }
-REPORT_PROMPT = "Write the radiology report."
+REPORT_PROMPT = "Write the radiology report."  # As medvl_jax.data.pipeline.REPORT_PROMPT.
 
 
-def generative_policy(task):
-    """The SFT-style task that generates answers for ``task`` (itself, or its ``policy``)."""
-    policy = getattr(task, "policy", task)
-    if not hasattr(policy, "generate_texts"):
-        raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} does not "
-                         f"generate text: protocols apply to sft, dpo and grpo checkpoints")
-    return policy
+def medsynth_sources(config, studies: int) -> dict:
+    """The MedSynth entries of ``config.data.sources`` with ``studies`` studies each."""
+    from medvl_jax.evaluate import evaluators
 
-
-def _medsynth_specs(config):
-    for name, spec in sorted(dict(config.data.sources).items()):
-        if spec["kind"] == "medsynth":
-            yield name, spec
-
-
-def medsynth_report_examples(config, split: str) -> list[dict]:
-    """One report-generation example per study of the config's MedSynth sources
-    (``sft.eval_studies`` studies each): the reference is the study's report and
-    ``meta["findings"]`` its structured findings."""
-    from medvl_jax.data import medsynth, sources as sources_lib
-
-    out = []
-    n = int(config.sft.eval_studies)
-    for name, spec in _medsynth_specs(config):
-        src = medsynth.MedSynthSource(medsynth.MedSynthConfig(
-            kind=spec["medsynth_kind"], split=split, num_studies=n,
-            image_size=spec["render_size"], volume_shape=tuple(spec["volume_shape"]),
-            seed=spec["seed"]))
-        for i in range(len(src)):
-            rec = src[i]
-            qa = [{"question": REPORT_PROMPT, "answer": rec["report"], "type": "report"}]
-            ex = sources_lib.medsynth_to_example({**rec, "qa": qa}, np.random.default_rng(0))
-            ex["id"] = f"{ex['id']}/report"
-            ex["meta"].update(source=name, findings=rec["findings"], options=[])
-            out.append(ex)
-    return out
+    return evaluators.with_studies({n: s for n, s in dict(config.data.sources).items()
+                                    if s["kind"] == "medsynth"}, studies)
 
 
 def _external_benchmarks():
@@ -101,17 +73,19 @@ def check_benchmark(name: str) -> None:
                          f"{', '.join(known_benchmarks())}")
 
 
-def load_examples(benchmark: str, task, split: str = "test", data_dir: str | None = None,
-                  limit: int | None = None) -> list[dict]:
+def load_examples(benchmark: str, config, split: str = "test", data_dir: str | None = None,
+                  limit: int | None = None, studies: int = 100) -> list[dict]:
     """The examples of ``benchmark`` (first ``limit`` of them if given), each with
-    ``meta["benchmark"]`` set. MedSynth benchmarks come from the task's config; other names
-    from :func:`medvl_jax.data.benchmarks.load_benchmark` (``data_dir``)."""
+    ``meta["benchmark"]`` set. MedSynth benchmarks come from the config's MedSynth sources
+    (``studies`` studies each); other names from
+    :func:`medvl_jax.data.benchmarks.load_benchmark` (``data_dir``)."""
+    from medvl_jax.data import pipeline
+
     check_benchmark(benchmark)
-    policy = generative_policy(task)
     if benchmark == "medsynth":
-        examples = policy.eval_examples(split)
+        examples = pipeline.question_examples(medsynth_sources(config, studies), split)
     elif benchmark == "medsynth_report":
-        examples = medsynth_report_examples(policy.config, split)
+        examples = pipeline.report_examples(medsynth_sources(config, studies), split)
     else:
         from medvl_jax.data import benchmarks
 
@@ -133,13 +107,17 @@ def _text_view(example: dict, condition: str) -> dict:
     return baselines_lib.apply(example, condition, None) if condition == "no_image" else example
 
 
-def evaluate(task, params, examples: Sequence[dict],
-             protocols: Sequence[protocols_lib.Protocol], *,
-             baselines: Sequence[str] = (), progress: Callable[[int, int], None] | None = None,
+def evaluate(task, model_params, examples: Sequence[dict],
+             protocols: Sequence[protocols_lib.Protocol], *, batch_size: int,
+             max_new_tokens: int, data_config, baselines: Sequence[str] = (),
+             progress: Callable[[int, int], None] | None = None,
              benchmark: str = "", split: str = "") -> dict:
     """Scores ``examples`` under each protocol, with the real images and under each
-    baseline; see the module docstring. ``params`` are the task's params (LoRA merged here);
-    ``progress(done, total)`` is called after each generated batch.
+    baseline; see the module docstring. ``task`` generates the answers
+    (``task.generate_texts``) from plain ``model_params``, ``batch_size`` rows at a time, up to
+    ``max_new_tokens`` tokens unless a protocol sets its own budget; ``data_config`` (the
+    config's data section) says how baselines read images. ``progress(done, total)`` is
+    called after each generated batch.
 
     Returns ``{"benchmark", "split", "num_examples", "conditions", "protocols": {name:
     {"protocol", "version", "description", "conditions": {condition: {"per_type",
@@ -158,11 +136,10 @@ def evaluate(task, params, examples: Sequence[dict],
         if c not in baselines_lib.CONDITIONS:
             raise ValueError(f"unknown condition {c!r}; known: "
                              f"{', '.join(baselines_lib.CONDITIONS)}")
-    policy = generative_policy(task)
-    model_params = (task.model_params if hasattr(task, "model_params")
-                    else policy.model_params)(params)
-    bs = int(policy.config.sft.eval_batch_size)
-    default_budget = int(policy.config.sft.eval_max_new_tokens)
+    if "text" not in task.outputs:
+        raise ValueError(f"task {task.name!r} does not generate text: protocols apply to "
+                         f"tasks whose model answers (sft, dpo, grpo)")
+    bs, default_budget = int(batch_size), int(max_new_tokens)
 
     # Plan: the distinct generations, in a fixed order, grouped per (condition, protocol)
     # and token budget so that every batch shares one shape.
@@ -189,12 +166,11 @@ def evaluate(task, params, examples: Sequence[dict],
         for start in range(0, len(items), bs):
             batches.append((cond, n_new, items[start:start + bs]))
 
-    data_config = policy.config.data
     texts: dict[tuple, str] = {}
     for k, (cond, n_new, items) in enumerate(batches):
         chunk = [p.prompt(baselines_lib.apply(examples[i], cond, data_config))
                  for _, i, p in items]
-        answers = policy.generate_texts(model_params, chunk, batch_size=bs, max_new_tokens=n_new)
+        answers = task.generate_texts(model_params, chunk, batch_size=bs, max_new_tokens=n_new)
         for (key, _, _), text in zip(items, answers):
             texts[key] = text
         if progress is not None:

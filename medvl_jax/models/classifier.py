@@ -1,7 +1,7 @@
 """A multi-label image classifier: a ViT and one linear layer over all its output tokens.
 
 Parameters: ``{"vision": <VisionEncoder params>, "head": {"kernel" [N * W, K], "bias" [K]}}``,
-so a trained tower starts a VLM as-is (``sft.vision_init``). The head reads every token
+so a trained tower starts a VLM as-is (``config.vision_init``). The head reads every token
 (flattened, not pooled), so each label can look at its own region of the image: findings
 that are named by where they are (a nodule in the right upper zone) stay learnable. Pooled
 tokens lose where: on MedSynth a mean-pooled or attention-pooled (MAP) head stays at the base

@@ -7,24 +7,22 @@ record's ``labels`` dict is unknown and left out, as CheXpert-style blanks are).
 
 Config::
 
-    classify = {"labels": ("nodule_right_upper", ...),   # the K outputs, in order
-                "eval_source": "", "eval_studies": 500, "eval_batch_size": 250}
+    classify = {"labels": ("nodule_right_upper", ...),   # the K outputs, in order (required)
+                "predict_batch_size": 250}
     model = {"vision": {VisionConfig fields}}
 
 Data: image–labels pairs from :mod:`medvl_jax.data.pairs` (MedSynth cxr/ct studies, whose
-findings give the labels of :func:`medvl_jax.data.pairs.medsynth_labels` with ``regional``;
-``{"image", "labels"}`` JSONL files). Evaluation: ROC-AUC and accuracy (logit > 0) per label on
-MedSynth test studies; :meth:`ClassifyTask.report` prints the table and writes
-``<workdir>/classify_results.json``.
+findings give the labels of :func:`medvl_jax.data.pairs.medsynth_labels` with ``regional``
+— :data:`medvl_jax.data.medsynth.prompts.CXR_LABELS` names them; ``{"image", "labels"}``
+JSONL files). Evaluation is declared in ``config.evals`` (a ``classify`` evaluator: ROC-AUC
+and accuracy per label; ``linear_probe`` on the tower's pooled tokens).
 
-A classifier workdir is a vision tower for the SFT task (``sft.vision_init``, or
-``sft.vision_stage`` to train it first in the same command): the recipe of vision encoders
+A classifier workdir is a vision tower for a VLM or two-tower run (``config.vision_init``, or
+``config.vision_stage`` to train it first in the same command): the recipe of vision encoders
 pretrained on labelled radiographs before they meet language.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
@@ -34,24 +32,17 @@ import numpy as np
 import optax
 
 from medvl_jax.data import pairs, pipeline
-from medvl_jax.data.medsynth import findings
 from medvl_jax.models import from_config
 from medvl_jax.models.classifier import ClassifierConfig, ImageClassifier
-from medvl_jax.models.vision import VisionConfig
-
-# MedSynth chest radiographs: a nodule per lung zone, an effusion per side, cardiomegaly.
-MEDSYNTH_CXR_LABELS = (tuple(f"nodule_{side}_{zone}" for side, zone in findings.CELLS)
-                       + tuple(f"effusion_{side}" for side in findings.SIDES)
-                       + ("cardiomegaly",))
+from medvl_jax.models.vision import VisionConfig, VisionEncoder
+from medvl_jax.tasks import base
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The ``classify`` section of a config."""
     c = ml_collections.ConfigDict()
-    c.labels = MEDSYNTH_CXR_LABELS  # Names of the outputs, in order.
-    c.eval_source = ""              # MedSynth source of data.sources to evaluate on ("" = first).
-    c.eval_studies = 500            # MedSynth test studies to evaluate on; 0 = no evaluation.
-    c.eval_batch_size = 250
+    c.labels = ()                   # Names of the outputs, in order (required).
+    c.predict_batch_size = 250      # Rows per forward pass when predicting a whole set.
     return c
 
 
@@ -75,28 +66,30 @@ def masked_bce(logits, labels, mask):
     return per.sum() / jnp.maximum(mask.sum(), 1)
 
 
-class ClassifyTask:
-    """Image classifier + masked BCE + MedSynth per-label evaluation; the loop does the rest."""
+class ClassifyTask(base.Task):
+    """Image classifier + masked BCE; the loop does the rest."""
 
     name = "classify"
+    outputs = frozenset({"label_logits", "image_features"})
+    default_config = staticmethod(default_config)
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer=None):
-        self.config = config
-        self.tokenizer = tokenizer  # Unused: labels, not text.
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer=None, *, start=None):
+        super().__init__(config, tokenizer, start=start)
         cc, d = config.classify, config.data
-        self.labels = tuple(str(x) for x in cc.labels)
-        if not self.labels:
-            raise ValueError("classify.labels is empty: name the labels to predict")
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"classify.labels has duplicates: {self.labels}")
-        self.model_config = model_config(config.model, num_labels=len(self.labels))
+        self._labels = tuple(str(x) for x in cc.labels)
+        if not self._labels:
+            raise ValueError("classify.labels is empty: name the labels to predict (for "
+                             "MedSynth radiographs: medvl_jax.data.medsynth.prompts.CXR_LABELS)")
+        if len(set(self._labels)) != len(self._labels):
+            raise ValueError(f"classify.labels has duplicates: {self._labels}")
+        self.model_config = model_config(config.model, num_labels=len(self._labels))
         pairs.check_images(d, self.model_config.vision)
         self.model = ImageClassifier(self.model_config)
-        self._predict = None
+        self._jits = {}
 
-    # ----------------------------------------------------------------------------------------
-    # The Task protocol.
-    # ----------------------------------------------------------------------------------------
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
 
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed image (no batch axis)."""
@@ -113,7 +106,7 @@ class ClassifyTask:
         """Parameters (with logical-axis metadata) for a batch of this shape."""
         return self.model.init(rng, batch["images"])["params"]
 
-    def data_iterator(self, config, *, process_index: int, process_count: int):
+    def data_iterator(self, config, *, process_index: int, process_count: int, skips=None):
         """This process's grain iterator of image–labels batches."""
         return pairs.build_iterator(config.data, self.tokenizer, split="train",
                                     process_index=process_index, process_count=process_count,
@@ -133,68 +126,27 @@ class ClassifyTask:
         del local_batch
         return 0
 
-    # ----------------------------------------------------------------------------------------
-    # Evaluation.
-    # ----------------------------------------------------------------------------------------
+    # --- evaluators --------------------------------------------------------------------------
 
-    def logits(self, params, images: np.ndarray) -> np.ndarray:
-        """Label logits ``[N, K]`` of preprocessed images, in chunks of ``eval_batch_size``
-        (the last one padded: one compile)."""
-        if self._predict is None:
-            self._predict = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
-        return pairs.in_chunks(lambda x: self._predict(params, x), [images],
-                               int(self.config.classify.eval_batch_size))
+    def _chunked(self, kind: str, model_params, images: np.ndarray) -> np.ndarray:
+        if kind not in self._jits:
+            if kind == "logits":
+                fn = lambda p, x: self.model.apply({"params": p}, x)  # noqa: E731
+            else:
+                tower = VisionEncoder(self.model_config.vision)
+                fn = lambda p, x: tower.apply({"params": p["vision"]}, x)[0].mean(1)  # noqa
+            self._jits[kind] = jax.jit(fn)
+        fn = self._jits[kind]
+        return pairs.in_chunks(lambda x: fn(model_params, x), [images],
+                               int(self.config.classify.predict_batch_size))
 
-    def _eval_spec(self) -> tuple[str, dict] | None:
-        return pairs.eval_source(self.config.data.sources, self.config.classify.eval_source,
-                                 "classify.eval_source")
+    def label_logits(self, model_params, images: np.ndarray) -> np.ndarray:
+        """Label logits ``[N, K]`` of preprocessed images."""
+        return self._chunked("logits", model_params, images)
 
-    def evaluate(self, params, split: str = "test") -> dict:
-        """ROC-AUC and accuracy per label (those MedSynth's findings give) on ``split``, and
-        their means; ``{}`` without a MedSynth source or with ``eval_studies`` 0."""
-        from medvl_jax.evaluate import retrieval
+    def image_features(self, model_params, images: np.ndarray) -> np.ndarray:
+        """The tower's mean-pooled tokens ``[N, width]`` (a linear probe's features)."""
+        return self._chunked("features", model_params, images)
 
-        spec = self._eval_spec()
-        n = int(self.config.classify.eval_studies)
-        if spec is None or not n:
-            return {}
-        name, spec = spec
-        data = pairs.medsynth_eval_set(self.config.data, spec, split, n, regional=True)
-        logits = self.logits(params, data["images"])
-        per_label = {}
-        for i, label in enumerate(self.labels):
-            y = data["labels"].get(label)
-            if y is None:
-                continue
-            both = 0 < y.sum() < len(y)  # AUC needs both classes.
-            per_label[label] = {
-                "auc": float(retrieval.roc_auc(logits[:, i], y)) if both else float("nan"),
-                "accuracy": float(np.mean((logits[:, i] > 0) == y)),
-                "positives": int(y.sum()), "n": int(len(y))}
-        aucs = [r["auc"] for r in per_label.values() if not np.isnan(r["auc"])]
-        return {"split": split, "source": name, "n": len(logits), "per_label": per_label,
-                "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
-                "mean_accuracy": float(np.mean([r["accuracy"] for r in per_label.values()]))
-                if per_label else float("nan")}
 
-    def evaluators(self) -> dict:
-        """``{"medsynth": fn(state) -> results}`` (empty when evaluation is off)."""
-        if not self.config.classify.eval_studies or self._eval_spec() is None:
-            return {}
-        return {"medsynth": lambda state: self.evaluate(state.params, "test")}
-
-    def report(self, results: dict, workdir: str) -> None:
-        """Prints the per-label table and writes it to ``<workdir>/classify_results.json``."""
-        res = results.get("medsynth") if "medsynth" in results else results
-        if not res or "per_label" not in res:
-            return
-        print(f"\nMedSynth {res['split']} ({res['source']}), {res['n']} studies")
-        print(f"{'label':<22}{'pos':>5}{'AUC':>8}{'acc':>8}")
-        for label, row in res["per_label"].items():
-            print(f"{label:<22}{row['positives']:>5}{row['auc']:>8.3f}"
-                  f"{100 * row['accuracy']:>7.1f}%")
-        print(f"{'mean':<22}{'':>5}{res['mean_auc']:>8.3f}{100 * res['mean_accuracy']:>7.1f}%")
-        path = os.path.join(workdir, "classify_results.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"results written to {path}")
+TASK = ClassifyTask

@@ -14,14 +14,16 @@ The reference policy is the model the run started from (``config.init_from``), f
 
 * with LoRA on (``config.lora.rank > 0``) it is the base model inside the train state
   (the params without their ``lora`` factors): no second copy, sharded like the state;
-* otherwise it is a constant pytree held by the task: ``reference_params`` given at
-  construction, else loaded from ``config.init_from`` on first use (also when a run resumes,
-  so the reference stays the starting point). It is replicated as a constant of the jitted
-  step, which suits models that fit on one device;
+* otherwise it is a constant pytree held by the policy: ``reference_params`` given at
+  construction, else read from ``config.init_from`` (a training workdir or a converted
+  checkpoint) on first use (also when a run resumes, so the reference stays the starting
+  point). It is replicated as a constant of the jitted step, which suits models that fit on
+  one device;
 * a batch that carries ``ref_chosen_logp`` / ``ref_rejected_logp`` ``[B]`` (precomputed
   offline) uses those instead, and no reference forward pass is run.
 
-Evaluation is the SFT task's: greedy answers to MedSynth questions, scored per question type.
+Evaluation is declared in ``config.evals``; a ``vqa`` evaluator with ``compare_start`` also
+answers with the reference (the "before" column).
 """
 from __future__ import annotations
 
@@ -30,71 +32,61 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medvl_jax.models import lora as lora_lib
-from medvl_jax.tasks import losses, rl_losses, sft
+from medvl_jax.tasks import base, rl_losses
+from medvl_jax.tasks.answers import Answerer
+from medvl_jax.tasks.policy import Policy, resolve_config
 
 SIDES = ("chosen", "rejected")
 _INPUTS = ("tokens", "input_mask", "mask_ar", "loss_mask", "images")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``dpo`` section of a config."""
-    c = ml_collections.ConfigDict()
-    c.beta = 0.1
-    c.label_smoothing = 0.0        # Conservative DPO: assumed label-flip probability.
-    c.use_weights = True           # Weighted mean over pairs with the batch's "weight".
-    c.pair_weights = {"text": 1.0, "visual": 1.0, "mistake": 1.0}  # Weight of each pair kind.
-    c.visual_fraction = 0.5        # Share of visual pairs (when a study allows one).
-    # Share of pairs whose rejected answer is the starting model's own mistake, mined before
-    # training: `mistake_samples` answers at `mistake_temperature` (0: one greedy answer) to
-    # each question of `mistake_studies` training studies per source. Sample: greedy
-    # mistakes cover only the questions the model gets wrong, and DPO on those alone teaches
-    # it to leave its usual answers, right ones included (docs/post_training.md).
-    c.mistake_fraction = 0.0
-    c.mistake_studies = 1000
-    c.mistake_samples = 4
-    c.mistake_temperature = 1.0
-    # RPO: + nll_weight * the chosen answers' mean token NLL, which keeps DPO from lowering
-    # the likelihood of the right answers along with the wrong ones (0: plain DPO).
-    c.nll_weight = 0.0
-    c.eval_studies = 100           # As sft.eval_studies; 0 = no evaluation.
-    c.eval_batch_size = 64
-    c.eval_max_new_tokens = 16
-    return c
-
-
-def sequence_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray,
-                      mask: jnp.ndarray) -> jnp.ndarray:
-    """Sum of ``log p(token)`` over the tokens where ``mask`` is 1: ``[B, L, V] -> [B]``."""
-    lp = losses.token_logprobs(logits, tokens)
-    return (lp * mask[:, 1:].astype(jnp.float32)).sum(axis=1)
-
-
-class DPOTask:
-    """Policy model + DPO loss; the shared loop does the rest."""
+class DPOTask(base.Task):
+    """A :class:`~medvl_jax.tasks.policy.Policy` and the DPO loss on preference pairs."""
 
     name = "dpo"
+    outputs = frozenset({"text"})
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *,
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *, start=None,
                  reference_params=None):
-        self.config = config
+        super().__init__(config, tokenizer, start=start)
         d = config.dpo
         if d.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {d.beta}")
         if not 0.0 <= d.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-        # The model, LoRA and evaluation are the SFT task's; it reads its eval settings from
-        # an sft section, filled here from the dpo one.
-        view = ml_collections.ConfigDict(config.to_dict())
-        view.sft = sft.default_config()
-        for k in ("eval_studies", "eval_batch_size", "eval_max_new_tokens"):
-            view.sft[k] = d[k]
-        self.policy = sft.SFTTask(view, tokenizer)
-        self.tokenizer = tokenizer
-        self.model = self.policy.model
+        self.policy = Policy(config, tokenizer, start=start, reference_params=reference_params)
+        self.answerer = Answerer(self.policy)
         self.model_config = self.policy.model_config
-        self.lora_config = self.policy.lora_config
-        self._reference = reference_params
+
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict:
+        """The ``dpo`` section of a config."""
+        c = ml_collections.ConfigDict()
+        c.beta = 0.1
+        c.label_smoothing = 0.0        # Conservative DPO: assumed label-flip probability.
+        c.use_weights = True           # Weighted mean over pairs with the batch's "weight".
+        c.pair_weights = {"text": 1.0, "visual": 1.0, "mistake": 1.0}  # Weight per pair kind.
+        c.visual_fraction = 0.5        # Share of visual pairs (when a study allows one).
+        # Share of pairs whose rejected answer is the starting model's own mistake, mined
+        # before training: `mistake_samples` answers at `mistake_temperature` (0: one greedy
+        # answer) to each question of `mistake_studies` training records per source of
+        # data.sources. Sample: greedy mistakes cover only the questions the model gets
+        # wrong, and DPO on those alone teaches it to leave its usual answers, right ones
+        # included (docs/post_training.md).
+        c.mistake_fraction = 0.0
+        c.mistake_studies = 1000
+        c.mistake_samples = 4
+        c.mistake_temperature = 1.0
+        c.mistake_batch_size = 64      # Questions answered per batch while mining.
+        c.mistake_max_new_tokens = 16
+        # RPO: + nll_weight * the chosen answers' mean token NLL, which keeps DPO from
+        # lowering the likelihood of the right answers along with the wrong ones (0: plain).
+        c.nll_weight = 0.0
+        return c
+
+    @classmethod
+    def resolve_config(cls, config, start):
+        return resolve_config(config, start)
 
     # --- parameters --------------------------------------------------------------------------
 
@@ -107,53 +99,27 @@ class DPOTask:
         return out
 
     def init(self, rng, batch):
-        """Policy parameters (as the SFT task's, LoRA factors included when on)."""
+        """Policy parameters (LoRA factors included when on)."""
         return self.policy.init(rng, {k: batch[f"chosen_{k}"] for k in _INPUTS})
 
     def model_params(self, params):
-        """Plain model params (LoRA merged), for sampling and export."""
         return self.policy.model_params(params)
 
-    def reference_params(self, params=None):
-        """The frozen reference's plain model params (see the module docstring): the base of
-        ``params`` with LoRA on, else the constant given at construction or ``init_from``'s."""
-        if lora_lib.enabled(self.lora_config):
-            if params is None:
-                raise ValueError("with LoRA on, the reference is the base of the params: "
-                                 "pass params")
-            base, _ = lora_lib.split(params)
-            return jax.lax.stop_gradient(base)
-        if self._reference is None:
-            directory = self.config.get("init_from") or ""
-            if not directory:
-                raise ValueError("DPO needs a reference model: set config.init_from to the "
-                                 "checkpoint the run starts from (a converted or exported "
-                                 "directory), or pass reference_params")
-            from medvl_jax.tasks import pretrained
+    def pretrained_params(self):
+        return self.policy.pretrained_params()
 
-            self._reference = pretrained.load_params(directory, self)
-        self._reference = jax.tree.map(np.asarray, self._reference)
-        return self._reference
+    def reference_params(self, params=None):
+        return self.policy.reference_params(params)
 
     # --- loss ------------------------------------------------------------------------------
 
     def sequence_logprobs(self, params, batch, rng=None, *, reference: bool = False):
-        """``(chosen [B], rejected [B])`` answer log-probs of a batch, both sides in one forward
-        pass of 2B rows. ``params``: the task's params; ``reference``: use the reference model
-        (``params`` are then only read for the LoRA base)."""
+        """``(chosen [B], rejected [B])`` answer log-probs of a batch, both sides in one
+        forward pass of 2B rows (see :meth:`Policy.sequence_logprobs`)."""
         joint = {k: jnp.concatenate([jnp.asarray(batch[f"chosen_{k}"]),
                                      jnp.asarray(batch[f"rejected_{k}"])])
                  for k in _INPUTS}
-        if reference:
-            ref = self.reference_params(params)
-            logits, _ = self.model.apply({"params": ref}, joint["tokens"], joint["images"],
-                                         input_mask=joint["input_mask"],
-                                         mask_ar=joint["mask_ar"])
-            logits = jax.lax.stop_gradient(logits)
-        else:
-            logits = self.policy.apply(params, joint, rng)
-        mask = joint["loss_mask"] * joint["input_mask"]
-        seq = sequence_logprobs(logits, joint["tokens"], mask)
+        seq = self.policy.sequence_logprobs(params, joint, rng, reference=reference)
         b = batch["chosen_tokens"].shape[0]
         return seq[:b], seq[b:]
 
@@ -179,9 +145,15 @@ class DPOTask:
         """Real tokens of both sides of the pairs."""
         return int(sum(np.asarray(local_batch[f"{s}_input_mask"]).sum() for s in SIDES))
 
-    # --- data and evaluation -----------------------------------------------------------------
+    def generate_texts(self, model_params, examples, *, batch_size, max_new_tokens,
+                       temperature=0.0, rng=None):
+        return self.answerer.generate_texts(model_params, examples, batch_size=batch_size,
+                                            max_new_tokens=max_new_tokens,
+                                            temperature=temperature, rng=rng)
 
-    def data_iterator(self, config, *, process_index: int, process_count: int):
+    # --- data --------------------------------------------------------------------------------
+
+    def data_iterator(self, config, *, process_index: int, process_count: int, skips=None):
         """This process's batches of preference pairs (medvl_jax.data.preferences)."""
         from medvl_jax.data import preferences
 
@@ -198,80 +170,50 @@ class DPOTask:
 
     def mine_mistakes(self, *, process_index: int = 0, process_count: int = 1) -> list[dict]:
         """Mistake pairs (medvl_jax.data.preferences.mistake_pairs) of this process's share of
-        the questions of ``dpo.mistake_studies`` training studies per source: the starting
-        model (``init_from``) answers each ``dpo.mistake_samples`` times at
-        ``dpo.mistake_temperature`` (0: once, greedily, as in evaluation), and every answer
-        scored wrong becomes a rejected answer (a frequent mistake, several pairs). Sampling
-        keys are fixed by ``train.seed``, so a resumed run mines the same pairs."""
-        from medvl_jax.data import preferences
-        from medvl_jax.tasks import pretrained
+        the questions of ``dpo.mistake_studies`` training records per source of
+        ``data.sources`` (every question of a MedSynth study): the starting model answers each
+        ``dpo.mistake_samples`` times at ``dpo.mistake_temperature`` (0: once, greedily), and
+        every answer scored wrong becomes a rejected answer (a frequent mistake, several
+        pairs). Sampling keys are fixed by ``train.seed``, so a resumed run mines the same
+        pairs."""
+        from medvl_jax.data import pipeline, preferences
 
         d = self.config.dpo
         k, temperature = int(d.mistake_samples), float(d.mistake_temperature)
         if k < 1 or temperature < 0 or (temperature == 0 and k != 1):
             raise ValueError(f"dpo.mistake_samples={k}, dpo.mistake_temperature={temperature}:"
                              " need samples >= 1, temperature >= 0, and one sample when greedy")
-        if not lora_lib.enabled(self.lora_config):
+        if not self.policy.lora:
             start = self.reference_params()
-        elif self.config.get("init_from"):  # The LoRA base: the checkpoint's weights.
-            start = pretrained.load_params(self.config.init_from, self)
+        elif self.start is not None:  # The LoRA base: the checkpoint's weights.
+            start = self.policy.pretrained_params()
         else:
             raise ValueError("dpo.mistake_fraction > 0 mines the starting model's mistakes: "
                              "set config.init_from")
-        questions = self.policy.eval_examples("train", int(d.mistake_studies))
+        sources = {n: s for n, s in dict(self.config.data.sources).items()
+                   if s["kind"] != "preferences"}
+        questions = pipeline.question_examples(sources, "train", limit=int(d.mistake_studies))
         if not questions:
-            raise ValueError("dpo.mistake_fraction > 0 mines mistakes on the questions of the "
-                             "medsynth sources, and data.sources has none with questions "
-                             "(set dpo.mistake_fraction=0 for preference files)")
+            raise ValueError("dpo.mistake_fraction > 0 mines mistakes on the questions of "
+                             "data.sources, and it has no question source (set "
+                             "dpo.mistake_fraction=0 for preference files)")
         jobs = [ex for ex in questions[process_index::process_count] for _ in range(k)]
         key = jax.random.fold_in(jax.random.key(int(self.config.train.seed)), process_index)
 
         def progress(done, total):
             if done % 10 == 0 or done == total:
                 print(f"mining mistakes: {done}/{total} batches", flush=True)
-        result = self.policy.evaluate_model(start, "train", examples=jobs, progress=progress,
-                                            temperature=temperature, rng=key)
-        pairs = preferences.mistake_pairs(jobs, result.get("predictions", []),
+        rows = self.answerer.scored_answers(
+            start, jobs, batch_size=int(d.mistake_batch_size),
+            max_new_tokens=int(d.mistake_max_new_tokens), temperature=temperature, rng=key,
+            progress=progress)
+        pairs = preferences.mistake_pairs(jobs, rows,
                                           weight=float(d.pair_weights.get("mistake", 1.0)))
+        score = float(np.mean([r["score"] for r in rows])) if rows else 0.0
         print(f"mined {len(pairs)} mistake pairs from {len(jobs)} answers to "
               f"{len(jobs) // k} training questions (the starting model's score "
-              f"{100 * result.get('overall', 0.0):.1f}%)", flush=True)
+              f"{100 * score:.1f}%)", flush=True)
         return pairs
 
-    def evaluate(self, params, split: str = "test", *, progress=None) -> dict:
-        """Per-question-type MedSynth scores, as :meth:`SFTTask.evaluate`. On the test split
-        the same questions are also answered by the reference model (``before``: the
-        starting weights) and by the trained model without its images (``no_image``: what
-        the text alone gets right), so the table shows what the run changed and whether it
-        came from reading the images."""
-        after = self.policy.evaluate(params, split, progress=progress)
-        if split != "test" or not after:
-            return after
-        strip = ("predictions",)
-        before = self.policy.evaluate_model(self.reference_params(params), split)
-        blind = self.policy.evaluate(params, split, condition="no_image")
-        return {**after, "before": {k: v for k, v in before.items() if k not in strip},
-                "no_image": {k: v for k, v in blind.items() if k not in strip}}
 
-    def report(self, results: dict, workdir: str) -> None:
-        """Prints the before/after table (see :meth:`evaluate`) at the end of a run."""
-        if "before" not in results:
-            return
-        print(comparison_table(results))
-
-
-def comparison_table(results: dict) -> str:
-    """The test table of a preference/RL run: per question type, the reference model's score
-    (before), the trained model's (after), the change, and the trained model's score without
-    images (no image)."""
-    before, blind = results["before"]["per_type"], results["no_image"]["per_type"]
-    lines = [f"{'question type':<18}{'n':>6}{'before':>9}{'after':>9}{'change':>9}"
-             f"{'no image':>10}", "(scores in %, change in points)"][::-1]
-    rows = [(t, v) for t, v in results["per_type"].items()]
-    rows.append(("overall", {"score": results["overall"], "n": results["num_questions"]}))
-    for t, v in rows:
-        b = results["before"]["overall"] if t == "overall" else before[t]["score"]
-        n = results["no_image"]["overall"] if t == "overall" else blind[t]["score"]
-        lines.append(f"{t:<18}{v['n']:>6}{100 * b:>8.1f}%{100 * v['score']:>8.1f}%"
-                     f"{100 * (v['score'] - b):>+9.1f}{100 * n:>9.1f}%")
-    return "\n".join(lines)
+TASK = DPOTask

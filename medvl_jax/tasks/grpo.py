@@ -9,8 +9,9 @@ and, when ``grpo.beta > 0``, under the frozen reference. That is :meth:`GRPOTask
 host-side function of the current params, run outside the jitted update. Then ``grpo.mu``
 updates of :meth:`GRPOTask.loss` (the clipped surrogate with k3 KL) use the same rollout batch.
 
-The reference is the model the run started from, as in the DPO task (the LoRA base with LoRA
-on, else ``reference_params`` / ``config.init_from``).
+The policy, its reference (the model the run started from: the LoRA base with LoRA on, else
+``reference_params`` / ``config.init_from``) and answer sampling are the shared
+:class:`~medvl_jax.tasks.policy.Policy` and :class:`~medvl_jax.tasks.answers.Answerer`.
 
 A rollout batch (all arrays; ``P`` = ``data.max_length`` prompt tokens, ``T`` =
 ``grpo.max_new_tokens``)::
@@ -23,13 +24,14 @@ A rollout batch (all arrays; ``P`` = ``data.max_length`` prompt tokens, ``T`` =
     advantages                    [B]
     reward, reward_<name>         [B]          total and per-function rewards
 
-The shared loop drives it through two optional task members: ``prepare_batch(params,
-local_prompts, rng)`` (here :meth:`rollout`) turns the data iterator's prompts into a rollout
-batch with the current params, and ``updates_per_batch`` (``grpo.mu``) steps reuse it.
+The shared loop drives it through two task members: ``prepare_batch(params, local_prompts,
+rng)`` (here :meth:`rollout`) turns the data iterator's prompts into a rollout batch with the
+current params, and ``updates_per_batch`` (``grpo.mu``) steps reuse it. With gradient
+accumulation, ``token_mean`` divides by the completion tokens of the whole batch
+(:meth:`GRPOTask.global_stats`), not of each microbatch.
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -38,60 +40,22 @@ import ml_collections
 import numpy as np
 
 from medvl_jax import rewards as rewards_lib
-from medvl_jax.tasks import dpo, losses, rl_losses
+from medvl_jax.tasks import base, rl_losses
+from medvl_jax.tasks.answers import Answerer
+from medvl_jax.tasks.policy import Policy, resolve_config
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``grpo`` section of a config."""
-    c = ml_collections.ConfigDict()
-    c.group_size = 4               # G completions per prompt; data.batch_size = prompts * G.
-    c.max_new_tokens = 16
-    c.temperature = 1.0
-    c.top_k = 0
-    c.top_p = 1.0
-    c.mu = 1                       # Updates per rollout batch (old_logp fixed over them).
-    c.eps_low = 0.2
-    c.eps_high = 0.28              # DAPO clip-higher; equal to eps_low for PPO/GRPO.
-    c.beta = 0.04                  # k3 KL weight; 0 skips the reference.
-    c.aggregation = "token_mean"   # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
-    c.scale = "std"                # std (GRPO) | none (Dr.GRPO)
-    c.ddof = 0
-    c.adv_eps = 1e-6
-    c.rewards = {"accuracy": 1.0, "length": 0.0}  # {name: weight}, names of rewards.available
-    # More rewards by name: {name: "package.module:function"}, then weighted in ``rewards``.
-    c.reward_functions = ml_collections.ConfigDict()
-    c.length_buffer = 4            # Tokens of the soft overlong penalty before max_new_tokens.
-    c.eval_studies = 100
-    c.eval_batch_size = 64
-    c.eval_max_new_tokens = 16
-    return c
-
-
-def _completion_logp(logits, tokens, prompt_len: int, t: int, image_token_id: int):
-    """Trainer log-probs ``[B, T]`` of the completion tokens (positions ``P .. P+T-1``), over
-    the sampler's distribution (the image placeholder left out: ``suppress_image_token``)."""
-    from medvl_jax.sampling.sampler import suppress_image_token
-
-    logits = suppress_image_token(logits, image_token_id)
-    lp = losses.token_logprobs(logits, tokens)  # entry i: token i+1
-    return lp[:, prompt_len - 1:prompt_len - 1 + t]
-
-
-class GRPOTask(dpo.DPOTask):
-    """Policy model, rollouts and the GRPO loss (model, LoRA, reference and evaluation as in
-    :class:`medvl_jax.tasks.dpo.DPOTask`)."""
+class GRPOTask(base.Task):
+    """A :class:`~medvl_jax.tasks.policy.Policy`, rollouts, rewards and the GRPO loss."""
 
     name = "grpo"
+    outputs = frozenset({"text"})
+    open_keys = ("rewards", "reward_functions")
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *,
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, *, start=None,
                  reference_params=None):
+        super().__init__(config, tokenizer, start=start)
         g = config.grpo
-        view = ml_collections.ConfigDict(config.to_dict())
-        view.dpo = dpo.default_config()  # The DPO task reads model/eval settings from here.
-        for k in ("eval_studies", "eval_batch_size", "eval_max_new_tokens"):
-            view.dpo[k] = g[k]
-        super().__init__(view, tokenizer, reference_params=reference_params)
-        self.config = config
         if g.aggregation not in rl_losses.AGGREGATIONS:
             raise ValueError(f"grpo.aggregation must be one of {rl_losses.AGGREGATIONS}, got "
                              f"{g.aggregation!r}")
@@ -103,6 +67,9 @@ class GRPOTask(dpo.DPOTask):
                              f"grpo.group_size={g.group_size}")
         if g.mu < 1:
             raise ValueError(f"grpo.mu must be >= 1, got {g.mu}")
+        self.policy = Policy(config, tokenizer, start=start, reference_params=reference_params)
+        self.answerer = Answerer(self.policy)
+        self.model_config = self.policy.model_config
         functions = rewards_lib.available(max_tokens=int(g.max_new_tokens),
                                           buffer_tokens=int(g.length_buffer))
         for name, path in dict(g.reward_functions).items():
@@ -110,13 +77,41 @@ class GRPOTask(dpo.DPOTask):
                 raise ValueError(f"grpo.reward_functions.{name}: {name!r} is a built-in reward")
             functions[name] = rewards_lib.import_reward(path)
         self.reward_fn = rewards_lib.combine(dict(g.rewards), functions)
-        from medvl_jax.data import chat
-
-        self.stop_id = tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(
-            config.data.template))
         self._timings: dict = {}  # Rollout phase times since the last host_metrics().
 
-    # --- shapes ------------------------------------------------------------------------------
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict:
+        """The ``grpo`` section of a config."""
+        c = ml_collections.ConfigDict()
+        c.group_size = 4               # G completions per prompt; data.batch_size = prompts*G.
+        c.max_new_tokens = 16
+        c.temperature = 1.0
+        c.top_k = 0
+        c.top_p = 1.0
+        c.mu = 1                       # Updates per rollout batch (old_logp fixed over them).
+        c.eps_low = 0.2
+        c.eps_high = 0.28              # DAPO clip-higher; equal to eps_low for PPO/GRPO.
+        c.beta = 0.04                  # k3 KL weight; 0 skips the reference.
+        c.aggregation = "token_mean"   # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
+        c.scale = "std"                # std (GRPO) | none (Dr.GRPO)
+        c.ddof = 0
+        c.adv_eps = 1e-6
+        c.rewards = {"accuracy": 1.0, "length": 0.0}  # {name: weight}, rewards.available
+        # More rewards by name: {name: "package.module:function"}, weighted in ``rewards``.
+        c.reward_functions = ml_collections.ConfigDict()
+        c.length_buffer = 4            # Tokens of the soft overlong penalty before the end.
+        return c
+
+    @classmethod
+    def resolve_config(cls, config, start):
+        return resolve_config(config, start)
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps on each rollout batch (``grpo.mu``)."""
+        return int(self.config.grpo.mu)
+
+    # --- parameters --------------------------------------------------------------------------
 
     def dummy_batch(self, batch_size: int) -> dict:
         """Zeros shaped like a rollout batch of ``batch_size`` completions."""
@@ -141,30 +136,28 @@ class GRPOTask(dpo.DPOTask):
                                       "input_mask": batch["input_mask"][:, :p],
                                       "mask_ar": batch["mask_ar"][:, :p]})
 
+    def model_params(self, params):
+        return self.policy.model_params(params)
+
+    def pretrained_params(self):
+        return self.policy.pretrained_params()
+
+    def reference_params(self, params=None):
+        return self.policy.reference_params(params)
+
+    def generate_texts(self, model_params, examples, *, batch_size, max_new_tokens,
+                       temperature=0.0, rng=None):
+        return self.answerer.generate_texts(model_params, examples, batch_size=batch_size,
+                                            max_new_tokens=max_new_tokens,
+                                            temperature=temperature, rng=rng)
+
     # --- rollout (host side, outside the jitted update) --------------------------------------
 
-    @functools.cached_property
-    def _logp_fn(self):
-        """Jitted ``(model params, tokens, images, input_mask, mask_ar) -> completion logp``."""
-        p, t = int(self.config.data.max_length), int(self.config.grpo.max_new_tokens)
-
-        def fn(model_params, tokens, images, input_mask, mask_ar):
-            logits, _ = self.model.apply({"params": model_params}, tokens, images,
-                                         input_mask=input_mask, mask_ar=mask_ar)
-            return _completion_logp(logits, tokens, p, t, self.model_config.image_token_id)
-
-        return jax.jit(fn)
-
     def rollout(self, params, examples: list[dict], rng) -> dict:
-        """A rollout batch (module docstring) for ``examples`` (single-question MedSynth
-        examples with ``meta.answer`` / ``meta.question_type``): ``G`` sampled completions
-        each, consecutive.
-
-        This is the hook the loop needs: called with the current params before each group
-        of ``grpo.mu`` updates, its result fed to the jitted step ``mu`` times.
-        """
-        from medvl_jax.sampling import sampler
-
+        """A rollout batch (module docstring) for ``examples`` (single-question examples with
+        ``meta.answer`` / ``meta.question_type``): ``G`` sampled completions each,
+        consecutive. Called with the current params before each group of ``grpo.mu``
+        updates."""
         g = self.config.grpo
         gs, t = int(g.group_size), int(g.max_new_tokens)
         # Wall time per phase (host_metrics). The previous update runs asynchronously until
@@ -172,14 +165,11 @@ class GRPOTask(dpo.DPOTask):
         t0 = time.perf_counter()
         jax.block_until_ready(params)
         t1 = time.perf_counter()
-        prompts = self.policy.prompt_batch(examples)  # LEFT-padded to data.max_length.
+        prompts = self.answerer.prompt_batch(examples)  # LEFT-padded to data.max_length.
         rep = {k: np.repeat(v, gs, axis=0) for k, v in prompts.items()}
         model_params = self.model_params(params)
-        out = sampler.generate(self.model_config, model_params, rep["tokens"],
-                               rep["input_mask"], images=rep["images"], mask_ar=rep["mask_ar"],
-                               max_new_tokens=t, rng=rng, temperature=float(g.temperature),
-                               top_k=int(g.top_k), top_p=float(g.top_p),
-                               stop_tokens=[self.stop_id], pad_id=self.tokenizer.pad_token_id)
+        out = self.answerer.decode(model_params, rep, t, temperature=float(g.temperature),
+                                   top_k=int(g.top_k), top_p=float(g.top_p), rng=rng)
         lengths = np.asarray(out.lengths)
         t2 = time.perf_counter()
         cmask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
@@ -189,15 +179,13 @@ class GRPOTask(dpo.DPOTask):
                  "images": rep["images"], "completion_mask": cmask,
                  "sampler_logp": np.asarray(out.logprobs, np.float32)}
         args = (batch["tokens"], batch["images"], batch["input_mask"], batch["mask_ar"])
-        batch["old_logp"] = np.asarray(self._logp_fn(model_params, *args), np.float32)
-        batch["ref_logp"] = (np.asarray(self._logp_fn(self.reference_params(params), *args),
+        logp_fn = self.policy.jitted_completion_logprobs
+        batch["old_logp"] = np.asarray(logp_fn(model_params, *args), np.float32)
+        batch["ref_logp"] = (np.asarray(logp_fn(self.reference_params(params), *args),
                                         np.float32) if g.beta > 0
                              else np.zeros_like(batch["old_logp"]))
         t3 = time.perf_counter()
-        # Rewards on the decoded answers (stop token removed), lengths in tokens.
-        texts = [self.tokenizer.decode(row[:n - 1 if d else n].tolist(),
-                                       skip_special_tokens=True).strip()
-                 for row, n, d in zip(out.tokens, out.lengths, out.done)]
+        texts = self.answerer.texts(out)  # Stop token removed; lengths in tokens.
         fields = {"answer": [ex["meta"]["answer"] for ex in examples for _ in range(gs)],
                   "question_type": [ex["meta"]["question_type"] for ex in examples
                                     for _ in range(gs)],
@@ -220,12 +208,16 @@ class GRPOTask(dpo.DPOTask):
         self._timings["tokens"] = self._timings.get("tokens", 0) + int(lengths.sum())
         return batch
 
+    def prepare_batch(self, params, local_data, rng) -> dict:
+        """The loop's hook: a rollout batch of the current params for a list of prompts."""
+        return self.rollout(params, local_data, rng)
+
     def host_metrics(self) -> dict:
-        """Where the rollout time went since the last call (the loop logs these with each
-        metrics row): seconds per rollout spent waiting for the previous update
-        (``time_update_s``), sampling (``time_sample_s``), in the old/reference log-prob
-        passes (``time_logp_s``) and computing rewards (``time_reward_s``), and sampled
-        completion tokens per second of sampling (``rollout_tokens_per_s``)."""
+        """Where the rollout time went since the last call: seconds per rollout spent waiting
+        for the previous update (``time_update_s``), sampling (``time_sample_s``), in the
+        old/reference log-prob passes (``time_logp_s``) and computing rewards
+        (``time_reward_s``), and sampled tokens per second of sampling
+        (``rollout_tokens_per_s``)."""
         tm, self._timings = self._timings, {}
         n = tm.get("rollouts", 0)
         if not n:
@@ -236,19 +228,28 @@ class GRPOTask(dpo.DPOTask):
 
     # --- loss (inside the jitted update) -----------------------------------------------------
 
+    def global_stats(self, batch) -> dict:
+        """The completion tokens of the whole global batch (``token_mean``'s denominator)."""
+        return {"batch_completion_tokens": jnp.asarray(batch["completion_mask"],
+                                                       jnp.float32).sum()}
+
     def loss(self, params, batch, rng):
-        """``(loss, metrics)`` of a rollout batch: :func:`rl_losses.grpo_loss` plus reward,
-        accuracy, completion length (tokens), entropy and the sampler-trainer log-prob gap."""
+        """``(loss, metrics)`` of a rollout (micro)batch: :func:`rl_losses.grpo_loss` plus
+        reward, accuracy, completion length (tokens), entropy and the sampler-trainer
+        log-prob gap."""
         g = self.config.grpo
         p, t = int(self.config.data.max_length), int(g.max_new_tokens)
         logits = self.policy.apply(params, batch, rng)
-        logp = _completion_logp(logits, batch["tokens"], p, t, self.model_config.image_token_id)
+        logp = self.policy.completion_logprobs(logits, batch["tokens"], p, t)
         mask = batch["completion_mask"].astype(jnp.float32)
+        token_norm = None
+        if "batch_completion_tokens" in batch:  # Whole batch / microbatches (grad_accum).
+            token_norm = batch["batch_completion_tokens"] / int(self.config.optim.grad_accum)
         loss, metrics = rl_losses.grpo_loss(
             logp, batch["old_logp"], batch["ref_logp"] if g.beta > 0 else None,
             batch["advantages"], mask, eps_low=float(g.eps_low), eps_high=float(g.eps_high),
             beta=float(g.beta), aggregation=g.aggregation,
-            max_len=t if g.aggregation == "dr_grpo" else None)
+            max_len=t if g.aggregation == "dr_grpo" else None, token_norm=token_norm)
         n = jnp.maximum(mask.sum(), 1.0)
         comp_logits = jax.lax.stop_gradient(logits[:, p - 1:p - 1 + t].astype(jnp.float32))
         logq = jax.nn.log_softmax(comp_logits, axis=-1)
@@ -264,15 +265,13 @@ class GRPOTask(dpo.DPOTask):
             metrics[f"reward_{name}"] = batch[f"reward_{name}"].mean()
         return loss, metrics
 
-    def count_tokens(self, local_batch) -> int:
-        """Real tokens of the rollout batch (prompts and completions)."""
-        return int(np.asarray(local_batch["input_mask"]).sum())
+    # --- data --------------------------------------------------------------------------------
 
-    def data_iterator(self, config, *, process_index: int, process_count: int):
-        """This process's prompts: lists of ``data.batch_size / (G * processes)`` single-question
-        examples of the configured sources (``data.qa_per_example`` must be 1), checkpointable
-        like every grain iterator. The loop turns each list into a rollout batch with
-        :meth:`prepare_batch`."""
+    def data_iterator(self, config, *, process_index: int, process_count: int, skips=None):
+        """This process's prompts: lists of ``data.batch_size / (G * processes)``
+        single-question examples of the configured sources (``data.qa_per_example`` must be
+        1), checkpointable like every grain iterator; :meth:`prepare_batch` turns each list
+        into a rollout batch."""
         from medvl_jax.data import pipeline
 
         if config.data.qa_per_example != 1:
@@ -284,14 +283,8 @@ class GRPOTask(dpo.DPOTask):
                              f"grpo.group_size={gs}")
         return iter(pipeline.build_dataset(config.data, self.tokenizer, split="train",
                                            process_index=process_index,
-                                           process_count=process_count,
+                                           process_count=process_count, skips=skips,
                                            examples_per_batch=per_process // gs))
 
-    @property
-    def updates_per_batch(self) -> int:
-        """Optimizer steps on each rollout batch (``grpo.mu``)."""
-        return int(self.config.grpo.mu)
 
-    def prepare_batch(self, params, examples: list[dict], rng) -> dict:
-        """The loop's hook: a rollout batch of the current params for a list of prompts."""
-        return self.rollout(params, examples, rng)
+TASK = GRPOTask

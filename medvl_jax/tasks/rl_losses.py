@@ -53,10 +53,13 @@ def _check_per_token(name: str, x, shape) -> jnp.ndarray:
 
 
 def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, aggregation: str,
-              max_len: int | None = None) -> jnp.ndarray:
+              max_len: int | None = None, token_norm=None) -> jnp.ndarray:
     """A scalar from per-token values ``[B, T]`` over ``mask``.
 
-    ``token_mean``: sum over all masked tokens of the batch / their number (DAPO).
+    ``token_mean``: sum over all masked tokens of the batch / their number (DAPO); with
+    ``token_norm`` given, / ``token_norm`` instead: under gradient accumulation, the token
+    count of the whole batch over the number of microbatches, so that the mean of the
+    microbatches' losses is the token mean of the whole batch.
     ``sequence_mean``: mean over sequences of each sequence's token mean (GRPO paper;
     sequences without tokens count as 0).
     ``dr_grpo``: sum over masked tokens / (B * max_len), ``max_len`` a constant (default T).
@@ -64,7 +67,8 @@ def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, aggregation: str,
     mask = mask.astype(jnp.float32)
     total = (per_token * mask).sum()
     if aggregation == "token_mean":
-        return total / jnp.maximum(mask.sum(), 1.0)
+        norm = mask.sum() if token_norm is None else jnp.asarray(token_norm, jnp.float32)
+        return total / jnp.maximum(norm, 1e-9 if token_norm is not None else 1.0)
     if aggregation == "sequence_mean":
         per_seq = (per_token * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
         return per_seq.mean()
@@ -86,7 +90,7 @@ def k3_kl(logp: jnp.ndarray, ref_logp: jnp.ndarray) -> jnp.ndarray:
 def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, ref_logp: jnp.ndarray | None,
               advantages: jnp.ndarray, mask: jnp.ndarray, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token_mean",
-              max_len: int | None = None) -> tuple[jnp.ndarray, dict]:
+              max_len: int | None = None, token_norm=None) -> tuple[jnp.ndarray, dict]:
     """Clipped policy-gradient loss of GRPO / DAPO / Dr.GRPO.
 
     Args:
@@ -99,6 +103,8 @@ def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, ref_logp: jnp.ndarray | 
       beta: weight of the k3 KL to the reference (0: skipped).
       aggregation: ``token_mean`` | ``sequence_mean`` | ``dr_grpo`` (see :func:`aggregate`).
       max_len: Dr.GRPO's constant length (default T).
+      token_norm: ``token_mean``'s denominator when not this batch's token count (see
+        :func:`aggregate`).
 
     Per token: ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * k3``, ``r = exp(logp -
     old_logp)``. Returns ``(loss, metrics)``; metrics: ``clip_fraction`` (tokens where the
@@ -136,14 +142,14 @@ def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, ref_logp: jnp.ndarray | 
         if kl is None:
             raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference log-probs)")
         per_token = pg + beta * kl
-    loss = aggregate(per_token, mask, aggregation, max_len)
+    loss = aggregate(per_token, mask, aggregation, max_len, token_norm)
 
     n = jnp.maximum(mask.sum(), 1.0)
     low = ((ratio < 1.0 - eps_low) & (advantages < 0)).astype(jnp.float32) * mask
     high = ((ratio > 1.0 + eps_high) & (advantages > 0)).astype(jnp.float32) * mask
     big = jnp.finfo(jnp.float32).max
     metrics = {
-        "pg_loss": aggregate(pg, mask, aggregation, max_len),
+        "pg_loss": aggregate(pg, mask, aggregation, max_len, token_norm),
         "clip_fraction": (low + high).sum() / n,
         "clip_low_fraction": low.sum() / n,
         "clip_high_fraction": high.sum() / n,

@@ -3,8 +3,11 @@
     config checks → mesh → data → state (shape-first, sharded; or resumed) → jitted step
       → loop: step, metrics, checkpoints, evaluations, guards → final evaluation
 
-A task (see :mod:`medvl_jax.train.task`) gives the model and the loss; this module owns
-everything else. Determinism: the step's RNG is ``fold_in(seed, step)`` and the data position
+A task (a :class:`medvl_jax.tasks.base.Task`) gives the model, the loss and its data; this
+module owns everything else, and calls the task's members unconditionally (the base class
+gives each optional one a working default). Evaluators (built from ``config.evals`` by
+:mod:`medvl_jax.evaluate.evaluators`) are handed in and run every ``every`` steps and at the
+end. Determinism: the step's RNG is ``fold_in(seed, step)`` and the data position
 is saved with every checkpoint, so a resumed run continues bit-exactly (on CPU).
 
 Guards: a step whose loss or gradient norm is not finite applies no update (decided inside
@@ -34,14 +37,13 @@ from medvl_jax.parallel import rules as rules_lib
 from medvl_jax.train import checkpoint as ckpt_lib
 from medvl_jax.train import metrics as metrics_lib
 from medvl_jax.train import optim
+from medvl_jax.tasks.base import Task, run_keys
 from medvl_jax.train import state as state_lib
-from medvl_jax.train import task as task_lib
 
 TrainState = state_lib.TrainState  # Re-exported for callers of the loop.
 
 # Config paths whose entries are user-named (not checked against the defaults).
-OPEN_KEYS = ("data.sources", "optim.lr_groups", "train.mesh", "grpo.rewards",
-             "grpo.reward_functions")
+OPEN_KEYS = ("data.sources", "optim.lr_groups", "train.mesh")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -50,7 +52,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.steps = 1000
     c.seed = 0
     c.log_every = 10
-    c.eval_every = 0              # 0: evaluate only at the end.
     c.checkpoint_every = 200      # Also saved at the end; 0: only on SIGTERM.
     c.keep_checkpoints = 2
     c.async_checkpoints = True
@@ -125,7 +126,8 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
     frozen = (None if labels is None or "frozen" not in jax.tree.leaves(labels)
               else jax.tree.map(lambda label: label == "frozen", labels))
 
-    def loss_and_grad(params, batch, rng):
+    def loss_and_grad(params, batch, rng, stats):
+        batch = {**batch, **stats}  # Whole-batch scalars (task.global_stats).
         def loss_fn(p):
             if frozen is not None:
                 p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
@@ -143,18 +145,19 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
 
     def step(state: state_lib.TrainState, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
+        stats = task.global_stats(batch)
         if grad_accum == 1:
-            loss, aux, grads = loss_and_grad(state.params, batch, rng)
+            loss, aux, grads = loss_and_grad(state.params, batch, rng, stats)
         else:
             micro = jax.tree.map(split, batch)
 
             def body(carry, mb):
                 i, acc = carry
-                out = loss_and_grad(state.params, mb, jax.random.fold_in(rng, i))
+                out = loss_and_grad(state.params, mb, jax.random.fold_in(rng, i), stats)
                 return (i + 1, jax.tree.map(jnp.add, acc, out)), None
 
             shapes = jax.eval_shape(loss_and_grad, state.params,
-                                    jax.tree.map(lambda x: x[0], micro), rng)
+                                    jax.tree.map(lambda x: x[0], micro), rng, stats)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (_, total), _ = jax.lax.scan(body, (0, zeros), micro)
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, total)
@@ -185,18 +188,12 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
 # ---------------------------------------------------------------------------------------------
 
 def _data_iterator(config, task, data_iter_fn, skips):
-    """The train iterator: ``data_iter_fn``, else the task's own, else the grain pipeline of
-    ``config.data`` with the task's tokenizer."""
+    """The train iterator: ``data_iter_fn``, else the task's."""
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if data_iter_fn is not None:
         it = data_iter_fn(config, **where)
-    elif hasattr(task, "data_iterator"):
-        it = task.data_iterator(config, **where)
     else:
-        from medvl_jax.data import pipeline
-
-        it = pipeline.build_iterator(config.data, task.tokenizer, split="train", skips=skips,
-                                     **where)
+        it = task.data_iterator(config, skips=skips, **where)
     if not isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator)):
         raise TypeError(f"the train data must be a grain iterator (DatasetIterator or "
                         f"DataLoaderIterator) so its position can be checkpointed; got "
@@ -238,7 +235,8 @@ class _Preempted:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def train(config: ml_collections.ConfigDict, workdir: str, task, *,
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
+          evaluators: Mapping[str, Callable] | None = None,
           data_iter_fn: Callable | None = None, devices=None,
           pretrained: Mapping[str, Any] | None = None, fresh: str | None = None) -> dict:
     """Trains ``task`` as ``config`` says, in ``workdir``, resuming from its newest checkpoint.
@@ -246,19 +244,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     config: sections ``train`` (see default_config), ``optim`` (optim.default_config) and
         ``data`` (needs ``batch_size``, the global batch); ``train`` and ``optim`` are checked
         for unknown keys here, the whole config by the CLI.
+    evaluators: ``{name: fn(params) -> results}`` (each with an ``every`` attribute: run every
+        that many steps, 0 = only at the end); results go to ``eval_<name>_<step>.json``.
     data_iter_fn: ``fn(config, *, process_index, process_count)`` → a grain iterator of this
-        process's batches (dicts of arrays, ``batch_size / process_count`` rows each).
+        process's batches (dicts of arrays, ``batch_size / process_count`` rows each);
+        default: ``task.data_iterator``.
     devices: the mesh's devices (default: all).
     pretrained, fresh: weights loaded before the rest is initialised (state.init_params);
         ignored when resuming. With LoRA on, ``lora/`` params are always fresh.
     LoRA (``config.lora``, see medvl_jax.models.lora): with ``rank > 0`` and an empty
         ``optim.freeze`` everything but the ``lora/`` factors is frozen (see optim_config).
 
-    Returns the evaluation results: ``{evaluator name: results}`` for tasks with
-    ``evaluators()``, the task's ``evaluate(params, "test")`` for tasks with ``evaluate``,
-    or ``{"preempted_at": step}`` after a SIGTERM.
+    Returns ``{evaluator name: results}`` of the final evaluation, or ``{"preempted_at":
+    step}`` after a SIGTERM.
     """
-    task_lib.check_task(task)
+    if not isinstance(task, Task):
+        raise TypeError(f"{type(task).__name__} is not a task: subclass "
+                        f"medvl_jax.tasks.base.Task")
     validate_config(config.train, default_config(), prefix="train.")
     validate_config(config.optim, optim.default_config(), prefix="optim.")
     tc = config.train
@@ -280,7 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     data_iter = _data_iterator(config, task, data_iter_fn, skips)
 
     # --- optimizer and state: shapes first, then shardings, then a sharded init -------------
-    init_rng, step_rng = jax.random.split(jax.random.key(tc.seed))
+    init_rng, step_rng = run_keys(tc.seed)
     dummy = task.dummy_batch(bs // jax.process_count())
     _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
     tx, lr_schedule = optim.make_optimizer(oc, params_shape, tc.steps)
@@ -314,19 +316,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
     start = int(state.step)
     progress = metrics_lib.Progress(start, tc.steps, enabled=bool(tc.progress) and lead)
-    evals = task_lib.evaluators(task)
+    evals = dict(evaluators or {})
     flops_per_device = None  # FLOPs of one step on one device.
     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
 
-    def run_evals(step: int) -> dict:
+    def run_evals(step: int, final: bool) -> dict:
         out = {}
         for name, fn in evals.items():
-            out[name] = fn(state)
-            writer.write_eval(step, out[name], name=name)
+            if final or (fn.every and step % fn.every == 0):
+                out[name] = fn(state.params)
+                writer.write_eval(step, out[name], name=name)
         return out
 
     # --- tasks that make their batches from the current params (GRPO rollouts) -------------
-    mu = int(getattr(task, "updates_per_batch", 1))
+    mu = int(task.updates_per_batch)
     if mu > 1 and tc.checkpoint_every % mu:
         raise ValueError(f"train.checkpoint_every={tc.checkpoint_every} must be a multiple of "
                          f"the task's {mu} updates per batch, so a resumed run starts a fresh "
@@ -337,24 +340,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
     results: dict = {}
     with _Preempted() as preempted:
         for step in range(start, tc.steps):
-            if not hasattr(task, "prepare_batch"):
-                local = next(data_iter)
-                batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
-            elif step % mu == 0 or step == start:  # A new rollout every `mu` updates.
+            if step % mu == 0 or step == start:  # A new batch every `mu` updates.
                 local = task.prepare_batch(state.params, next(data_iter),
                                            jax.random.fold_in(rollout_rng, step))
                 batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
             if step_fn is None:
                 with rules_lib.activation_rules(mesh):
                     step_fn = step_jit.lower(state, batch, step_rng).compile()
-                if hasattr(task, "flops_per_example"):
+                if task.flops_per_example:
                     flops_per_device = float(task.flops_per_example) * bs / len(mesh.devices.flat)
                 else:
                     flops_per_device = metrics_lib.compiled_flops(step_fn)
                 window_t = time.perf_counter()  # Compilation is not step time.
             state, m = step_fn(state, batch, step_rng)
             window_steps += 1
-            window_tokens += task_lib.count_tokens(task, local) * jax.process_count()
+            window_tokens += task.count_tokens(local) * jax.process_count()
             done = step + 1
             logging = done % tc.log_every == 0 or done == tc.steps
             if logging:
@@ -366,8 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
                            skipped_nonfinite=total, skipped_examples=skips.total)
                 if window_tokens:
                     row["tokens_per_s"] = window_tokens / dt
-                if hasattr(task, "host_metrics"):  # Host-side work of the task (GRPO rollouts).
-                    row.update(task.host_metrics())
+                row.update(task.host_metrics())  # Host-side work (GRPO rollouts).
                 if flops_per_device and tc.peak_flops_per_device:
                     row["mfu"] = (flops_per_device * window_steps / dt
                                   / tc.peak_flops_per_device)
@@ -394,20 +393,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, *,
                 return {"preempted_at": done}
             if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps):
                 manager.save(done, state, data_iter, meta)
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                if evals:
-                    results = run_evals(done)
-                elif hasattr(task, "evaluate"):
-                    writer.write_eval(done, task.evaluate(state.params, split="val"))
+            if done != tc.steps:
+                run_evals(done, final=False)
     progress.close()
     manager.wait()
     if skips.total:
         print(f"skipped {skips.total} bad examples: {skips.counts}")
-    if evals:
-        results = run_evals(int(state.step))
-    elif hasattr(task, "evaluate"):
-        results = task.evaluate(state.params, split="test")
-        if results:
-            writer.write_eval(int(state.step), results)
+    results = run_evals(int(state.step), final=True)
     writer.close()
     return results

@@ -17,14 +17,14 @@ from medvl_jax import generate as generate_cli  # noqa: E402
 from medvl_jax.convert import checkpoint_io, to_hf, workdir  # noqa: E402
 from medvl_jax.convert import vlm as vlm_conv  # noqa: E402
 from medvl_jax.data import chat, medsynth, pipeline  # noqa: E402
-from medvl_jax.train import cli  # noqa: E402
+from medvl_jax.train import cli, restore  # noqa: E402
 
 SMOKE = "configs/medsynth_sft.py:smoke"
 # The main config's model merges 2x2 tokens (no Hugging Face counterpart); 16x16 patches
 # without merging and the last layer's features are LLaVA's layout.
 RUN = ["--config.model.vision.patch_size=16", "--config.model.vision.token_merge=1",
        "--config.model.vision.feature_layer=3", "--config.train.steps=3",
-       "--config.train.checkpoint_every=3", "--config.sft.eval_studies=0",
+       "--config.train.checkpoint_every=3", "--config.evals={}",
        "--config.train.progress=False"]
 
 
@@ -36,9 +36,9 @@ def trained(tmp_path_factory):
 
 
 def test_restore_params_from_a_relative_workdir(trained, monkeypatch):
-    _, _, absolute, _ = workdir.restore_params(trained)
+    _, _, absolute, _ = restore.restore_params(trained)
     monkeypatch.chdir(os.path.dirname(trained))
-    _, _, relative, step = workdir.restore_params(os.path.basename(trained))
+    _, _, relative, step = restore.restore_params(os.path.basename(trained))
     assert step == 3
     np.testing.assert_array_equal(np.asarray(relative["decoder"]["embedding"]),
                                   np.asarray(absolute["decoder"]["embedding"]))
@@ -61,7 +61,7 @@ def test_trained_workdir_exports_to_transformers_llava(trained, tmp_path):
 
     model, params, meta = checkpoint_io.load_checkpoint(f"{trained}/export/step_3")
     # The exported params are the trained ones, not a fresh init.
-    _, _, raw, step = workdir.restore_params(trained)
+    _, _, raw, step = restore.restore_params(trained)
     assert step == 3
     np.testing.assert_array_equal(np.asarray(params["decoder"]["embedding"]),
                                   np.asarray(raw["decoder"]["embedding"]))
@@ -96,7 +96,7 @@ def test_generate_on_a_workdir_prompts_like_training(trained, tmp_path):
 
     # Reference: the training pipeline's own prompt and preprocessing, greedy by full forward
     # passes without a cache.
-    config, task, raw, _ = workdir.restore_params(trained)
+    config, task, raw, _ = restore.restore_params(trained)
     d = config.data
     feat = pipeline.Featurizer(d, task.tokenizer, train=False)
     image = feat.ops(pipeline.to_unit_range(np.asarray(rec["image"]), "cxr", d.ct_window), None)

@@ -97,8 +97,8 @@ def test_packed_example_is_computed_as_if_alone(tokenizer):
     params = task.init(jax.random.key(0), task.dummy_batch(2))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
-    logits_packed = np.asarray(task.apply(params, packed))
-    logits_plain = np.asarray(task.apply(params, plain))
+    logits_packed = np.asarray(task.policy.apply(params, packed))
+    logits_plain = np.asarray(task.policy.apply(params, plain))
     i = 0
     for r, row in enumerate(rows):
         for s in range(1, row["segment_ids"].max() + 1):
@@ -145,7 +145,7 @@ def test_training_with_packing_runs_and_other_tasks_refuse_it(tmp_path):
     argv = ["--config", "configs/medsynth_sft.py:smoke", "--config.data.pack=True",
             "--config.data.qa_per_example=1", "--config.data.max_images=4",
             "--config.train.steps=2", "--config.train.checkpoint_every=2",
-            "--config.sft.eval_studies=0"]
+            "--config.evals={}"]
     assert cli.main(argv + ["--workdir", str(tmp_path / "sft")]) == 0
     rows = [json.loads(x) for x in open(tmp_path / "sft" / "metrics.jsonl")]
     assert np.isfinite([r["loss"] for r in rows if "loss" in r]).all()

@@ -3,7 +3,7 @@
 One MedSynth smoke run (a few steps, 1-layer towers) is trained in-process; its evaluation is
 checked against a full-forward greedy reference written here (no cache), its scores against
 ``scoring.score``, and the evaluation CLI (two protocols with the sanity baselines) against the
-task's ``evaluate`` on the same params.
+config's declared evaluator on the same params.
 """
 import json
 import os
@@ -17,16 +17,20 @@ import pytest
 from medvl_jax import config as config_lib
 from medvl_jax.data import chat, pipeline
 from medvl_jax.evaluate import cli as eval_cli
-from medvl_jax.evaluate import scoring
+from medvl_jax.evaluate import evaluators, scoring
 from medvl_jax.sampling import sampler
 from medvl_jax.train import cli as train_cli
+from medvl_jax.train import run as run_lib
 
 SMOKE = "configs/medsynth_sft.py:smoke"
 COMMON = ["--config.model.text.num_layers=1", "--config.model.vision.depth=1",
-          "--config.sft.eval_max_new_tokens=8", "--config.sft.eval_batch_size=16",
-          "--config.sft.eval_studies=2"]
-TRAIN = COMMON + ["--config.train.steps=4", "--config.train.eval_every=2",
+          "--config.evals.test.max_new_tokens=8", "--config.evals.test.batch_size=16"] + [
+              f"--config.evals.test.data.{s}.num_studies=2" for s in ("cxr", "cxr_closed",
+                                                                      "pairs")]
+TRAIN = COMMON + ["--config.train.steps=4", "--config.evals.test.every=2",
                   "--config.train.checkpoint_every=4", "--config.train.progress=False"]
+# The evaluation CLI's MedSynth benchmark with the same studies, batches and budget.
+CLI = ["--studies", "2", "--batch_size", "16", "--max_new_tokens", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +46,22 @@ def run(tmp_path_factory):
 def restored(run):
     wd, _ = run
     overrides, _ = config_lib.parse_overrides(COMMON)
-    config, task, params, step = eval_cli.load(config_lib.load_config(SMOKE, overrides), wd)
+    config, task, params, step = eval_cli.load(run_lib.load(SMOKE, overrides), wd)
     assert step == 4
     return task, params
+
+
+def _declared(task, params):
+    """The config's declared test evaluator on ``params``, and its examples."""
+    ev = evaluators.build(task.config, task)["test"]
+    return ev(params), evaluators.examples(ev)
 
 
 def _reference(task, params, examples):
     """Greedy answers by full forward passes (no cache): argmax of the last real position's
     logits, one token at a time; right padding to a fixed length (causal, so it is unseen)."""
-    d, sc = task.config.data, task.config.sft
-    max_new = int(sc.eval_max_new_tokens)
+    d = task.config.data
+    max_new = 8
     stop = task.tokenizer.convert_tokens_to_ids(chat.end_of_turn_token(d.template))
     feat = pipeline.Featurizer(d, task.tokenizer, train=False)
     L = d.max_length + max_new
@@ -70,7 +80,7 @@ def _reference(task, params, examples):
         images[i, :len(imgs)] = imgs
         lengths[i] = len(enc.tokens)
     model_params = jax.device_get(task.model_params(params))
-    forward = jax.jit(lambda p, t, m, a, x: task.model.apply(
+    forward = jax.jit(lambda p, t, m, a, x: task.policy.model.apply(
         {"params": p}, t, x, input_mask=m, mask_ar=a)[0])
     answers = [[] for _ in range(n)]
     done = np.zeros(n, bool)
@@ -92,15 +102,14 @@ def _reference(task, params, examples):
 
 def test_in_loop_evaluations_compile_the_sampler_once(run):
     wd, compiles = run
-    assert compiles == 1  # eval at step 2 (val) and at the end (test): one compilation
+    assert compiles == 1  # eval at step 2 and at the end: one compilation
     assert os.path.isfile(os.path.join(wd, "results.json"))
 
 
 def test_sampler_evaluation_equals_full_forward_greedy(restored):
     task, params = restored
-    examples = task.eval_examples("test")
-    assert len(examples) > int(task.config.sft.eval_batch_size)  # several batches, one padded
-    results = task.evaluate(params, "test")
+    results, examples = _declared(task, params)
+    assert len(examples) > 16  # several batches, one padded
     preds = [p["prediction"] for p in results["predictions"]]
     assert [p["id"] for p in results["predictions"]] == [ex["id"] for ex in examples]
     assert preds == _reference(task, params, examples)
@@ -130,11 +139,11 @@ def _strict_closed(prediction: str, reference: str) -> float:
 def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, capsys):
     wd, _ = run
     task, params = restored
-    expected = task.evaluate(params, "test")
+    expected, _ = _declared(task, params)
     capsys.readouterr()
     out = str(tmp_path / "out")
     assert eval_cli.main(["--config", SMOKE, "--checkpoint", wd, "--out", out,
-                          "--protocol", "medsynth,llava_med_strict"] + COMMON) == 0
+                          "--protocol", "medsynth,llava_med_strict"] + COMMON + CLI) == 0
     printed = capsys.readouterr().out
     n = expected["num_questions"]
     for name in ("medsynth", "llava_med_strict"):
@@ -147,7 +156,7 @@ def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, caps
     assert summary["conditions"] == ["real", "no_image", "blur", "noise"]
     med = summary["protocols"]["medsynth"]
     assert (med["protocol"], med["version"]) == ("medsynth", "1")
-    # The default MedSynth protocol on the real images is the task's own evaluation.
+    # The default MedSynth protocol on the real images is the declared evaluator's.
     assert med["conditions"]["real"]["per_type"] == expected["per_type"]
     assert med["conditions"]["real"]["overall"] == expected["overall"]
     files = summary["files"]["predictions"]
@@ -176,14 +185,14 @@ def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, caps
 def test_evaluate_cli_without_config_uses_the_saved_one(run, restored, tmp_path, capsys):
     wd, _ = run
     task, params = restored
-    expected = task.evaluate(params, "test")["predictions"][:4]
+    expected = _declared(task, params)[0]["predictions"][:4]
     overrides, _ = config_lib.parse_overrides(TRAIN)
     saved = eval_cli.config_from_checkpoint(wd)
-    given = config_lib.load_config(SMOKE, overrides)
+    given = run_lib.load(SMOKE, overrides)
     assert json.loads(json.dumps(saved.to_dict())) == json.loads(json.dumps(given.to_dict()))
     out = str(tmp_path / "out")
     assert eval_cli.main(["--checkpoint", wd, "--out", out, "--protocol", "exact", "--limit",
-                          "4", "--baselines", "off"] + COMMON) == 0
+                          "4", "--baselines", "off"] + COMMON + CLI) == 0
     assert "protocol exact (version 1)" in capsys.readouterr().out
     rows = _rows(os.path.join(out, "predictions_medsynth_test_exact_real.jsonl"))
     assert [r["prediction"] for r in rows] == [p["prediction"] for p in expected]

@@ -95,20 +95,14 @@ class ScriptedPolicy:
     \\boxed{} when the prompt carries an instruction ("Please ...")."""
 
     name = "sft"
+    outputs = frozenset({"text"})
 
     def __init__(self, batch_size=4, max_new_tokens=5):
-        self.config = ml_collections.ConfigDict({
-            "data": pipeline.default_config().to_dict(),
-            "sft": {"eval_batch_size": batch_size, "eval_max_new_tokens": max_new_tokens}})
+        self.config = ml_collections.ConfigDict({"data": pipeline.default_config().to_dict()})
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.calls = []
 
-    def model_params(self, params):
-        return params
-
-    def eval_examples(self, split):
-        return []
-
-    def generate_texts(self, params, examples, *, batch_size=None, max_new_tokens=None):
+    def generate_texts(self, params, examples, *, batch_size, max_new_tokens):
         self.calls.append((len(examples), batch_size, max_new_tokens))
         return [self._answer(ex) for ex in examples]
 
@@ -128,6 +122,13 @@ class ScriptedPolicy:
         return f"\\boxed{{{text}}}" if "Please" in ex["messages"][-1]["content"] else text
 
 
+def _scripted(policy, examples, protocols, **kw):
+    """The harness run with a scripted policy's batch size and token budget."""
+    return harness.evaluate(policy, {}, examples, protocols, batch_size=policy.batch_size,
+                            max_new_tokens=policy.max_new_tokens,
+                            data_config=policy.config.data, **kw)
+
+
 QA = [_example(0, "closed", "yes"), _example(1, "closed", "no"), _example(2, "closed", "no"),
       _example(3, "closed", "yes"), _example(4, "open", "left", "Which side?"),
       _example(5, "open", "right upper zone", "Where is the nodule?")]
@@ -137,7 +138,7 @@ NAMES = ["exact", "llava_med", "llava_med_strict", "medevalkit"]
 @pytest.fixture(scope="module")
 def scripted():
     policy = ScriptedPolicy()
-    results = harness.evaluate(policy, {}, QA, [P.get(n) for n in NAMES],
+    results = _scripted(policy, QA, [P.get(n) for n in NAMES],
                                baselines=["no_image", "blank", "blur"], benchmark="toy",
                                split="test")
     return policy, results
@@ -192,7 +193,7 @@ def test_generations_are_shared_between_protocols(scripted):
 
 def test_deterministic(scripted):
     _, res = scripted
-    again = harness.evaluate(ScriptedPolicy(), {}, QA, [P.get(n) for n in NAMES],
+    again = _scripted(ScriptedPolicy(), QA, [P.get(n) for n in NAMES],
                              baselines=["no_image", "blank", "blur"], benchmark="toy",
                              split="test")
     assert again == res
@@ -220,7 +221,7 @@ def test_reports_get_corpus_metrics_and_their_own_budget():
                for i, r in enumerate([ref0, ref1])]
     policy = ScriptedPolicy(batch_size=2)
     exact = P.get("exact")
-    res = harness.evaluate(policy, {}, reports + QA[:1], [exact], baselines=["no_image"])
+    res = _scripted(policy, reports + QA[:1], [exact], baselines=["no_image"])
     assert sorted(set(policy.calls)) == [(1, 2, 5), (2, 2, exact.decoding.report_max_new_tokens)]
     real = res["protocols"]["exact"]["conditions"]["real"]["report_metrics"]
     assert real["bleu4"] == pytest.approx(1.0) and real["rouge_l"] == pytest.approx(1.0)
@@ -243,14 +244,16 @@ def test_errors():
                                          "medsynth, medsynth_report"):
         harness.check_benchmark("nope")
     with pytest.raises(ValueError, match="no examples to evaluate"):
-        harness.evaluate(ScriptedPolicy(), {}, [], [P.get("exact")])
+        _scripted(ScriptedPolicy(), [], [P.get("exact")])
     with pytest.raises(ValueError, match="unknown condition 'none'"):
-        harness.evaluate(ScriptedPolicy(), {}, QA, [P.get("exact")], baselines=["none"])
+        _scripted(ScriptedPolicy(), QA, [P.get("exact")], baselines=["none"])
 
     class Contrastive:
         name = "contrastive"
+        outputs = frozenset({"image_embeddings"})
     with pytest.raises(ValueError, match="'contrastive' does not generate text"):
-        harness.generative_policy(Contrastive())
+        harness.evaluate(Contrastive(), {}, QA, [P.get("exact")], batch_size=4,
+                         max_new_tokens=5, data_config=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,15 +262,13 @@ def test_errors():
 
 
 def test_real_model_and_medsynth_benchmarks():
-    overrides = [("model.text.num_layers", 1), ("model.vision.depth", 1),
-                 ("sft.eval_max_new_tokens", 6), ("sft.eval_batch_size", 4),
-                 ("sft.eval_studies", 1)]
+    overrides = [("model.text.num_layers", 1), ("model.vision.depth", 1)]
     config = config_lib.load_config("configs/medsynth_sft.py:smoke", overrides)
     task = SFTTask(config, pipeline.make_tokenizer(config.tokenizer))
     params = nn.unbox(jax.jit(task.init)(jax.random.key(0), task.dummy_batch(1)))
 
-    qa = harness.load_examples("medsynth", task, "test", limit=3)
-    reports = harness.load_examples("medsynth_report", task, "test")
+    qa = harness.load_examples("medsynth", config, "test", limit=3, studies=1)
+    reports = harness.load_examples("medsynth_report", config, "test", studies=1)
     assert [ex["meta"]["benchmark"] for ex in qa] == ["medsynth"] * 3
     assert len(reports) == 3   # one study of each MedSynth source (cxr, cxr_closed, pairs)
     for ex in reports:
@@ -278,10 +279,11 @@ def test_real_model_and_medsynth_benchmarks():
 
     examples = qa + reports
     exact = dataclasses.replace(P.get("exact"), decoding=P.Decoding(report_max_new_tokens=6))
-    res = harness.evaluate(task, params, examples, [exact], baselines=["no_image"])
     mp = task.model_params(params)
-    direct = (task.generate_texts(mp, examples[:4], batch_size=4)
-              + task.generate_texts(mp, examples[4:], batch_size=4))
+    res = harness.evaluate(task, mp, examples, [exact], baselines=["no_image"], batch_size=4,
+                           max_new_tokens=6, data_config=config.data)
+    direct = (task.generate_texts(mp, examples[:4], batch_size=4, max_new_tokens=6)
+              + task.generate_texts(mp, examples[4:], batch_size=4, max_new_tokens=6))
     assert [r["prediction"] for r in res["predictions"]["exact"]["real"]] == direct
     # Without images: the same questions with their placeholders removed, no pixels.
     text_only = []
@@ -289,8 +291,8 @@ def test_real_model_and_medsynth_benchmarks():
         content = ex["messages"][0]["content"].replace("<image>\n", "").replace("<image>", "")
         text_only.append({**ex, "images": [],
                           "messages": [{"role": "user", "content": content}]})
-    blind = (task.generate_texts(mp, text_only[:4], batch_size=4)
-             + task.generate_texts(mp, text_only[4:], batch_size=4))
+    blind = (task.generate_texts(mp, text_only[:4], batch_size=4, max_new_tokens=6)
+             + task.generate_texts(mp, text_only[4:], batch_size=4, max_new_tokens=6))
     assert [r["prediction"] for r in res["predictions"]["exact"]["no_image"]] == blind
     metrics = res["protocols"]["exact"]["conditions"]["real"]["report_metrics"]
     assert {"bleu4", "rouge_l", "cider", "clinical_f1"} <= set(metrics)

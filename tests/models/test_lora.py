@@ -147,7 +147,7 @@ def test_sft_trains_only_lora(tmp_path):
 
     from medvl_jax.data import pipeline
     from medvl_jax.train import checkpoint as ckpt_lib
-    from medvl_jax.train import cli, loop
+    from medvl_jax.train import loop, run
 
     os.chdir(os.path.join(os.path.dirname(__file__), "..", ".."))
     overrides, _ = config_lib.parse_overrides([
@@ -158,16 +158,16 @@ def test_sft_trains_only_lora(tmp_path):
         "--config.model.vision.depth=1", "--config.model.vision.feature_layer=-1",
         "--config.model.vision.width=32",
         "--config.model.vision.mlp_dim=64", "--config.model.vision.num_heads=2",
-        "--config.train.progress=False", "--config.sft.eval_studies=0",
+        "--config.train.progress=False", "--config.evals={}",
         "--config.optim.warmup_steps=0", "--config.data.batch_size=8"])
     config = _sft_config(overrides)
-    cli.validate(config)
+    run.validate(config)
     assert loop.optim_config(config).freeze == lora.FREEZE_BASE
     from medvl_jax.tasks import sft
 
     task = sft.SFTTask(config, pipeline.make_tokenizer(config.tokenizer))
     dummy = task.dummy_batch(8)
-    init_rng = jax.random.split(jax.random.key(config.train.seed))[0]
+    init_rng = jax.random.split(jax.random.key(config.train.seed))[0]  # As the loop.
     start = nn.unbox(jax.jit(task.init)(init_rng, dummy))
     assert set(start["lora"]["decoder"]) == {"layers_0", "layers_1"}
 

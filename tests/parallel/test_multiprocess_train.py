@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import pytest
 
-from medvl_jax.convert import workdir as workdir_lib
+from medvl_jax.train import restore as workdir_lib
 from medvl_jax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,7 +150,9 @@ def test_sft_two_processes_match_one(tmp_path):
     # Unpacked: each process packs the examples it reads into its own rows, so packed rows
     # (the main config's) differ between a two-process and a one-process run.
     multi, single, out = _check(tmp_path, "configs/medsynth_sft.py:smoke",
-                                ["--config.sft.eval_studies=1", "--config.model.vision.depth=1",
+                                ["--config.model.vision.depth=1", "--config.evals.test.batch_size=8",
+                                 *[f"--config.evals.test.data.{s}.num_studies=1"
+                                   for s in ("cxr", "cxr_closed", "pairs")],
                                  "--config.model.text.num_layers=1", "--config.data.pack=False",
                                  "--config.data.qa_per_example=2", "--config.data.max_images=2"])
     assert out.count("results written to") == 1 and "[0] results written to" in out, out[-3000:]
@@ -158,11 +160,12 @@ def test_sft_two_processes_match_one(tmp_path):
     for workdir in (multi, single):
         with open(os.path.join(workdir, "results.json")) as f:
             results.append(json.load(f))
+    results = [r["test"] for r in results]
     assert results[0]["num_questions"] == results[1]["num_questions"] > 0
     assert results[0]["per_type"] == results[1]["per_type"]
 
 
 def test_contrastive_sharded_loss_two_processes_match_one(tmp_path):
     _check(tmp_path, "configs/medsynth_siglip.py:smoke",
-           ["--config.contrastive.eval_studies=0", "--config.contrastive.sharded=True",
+           ["--config.evals={}", "--config.contrastive.sharded=True",
             "--config.model.vision.depth=1", "--config.model.text.depth=1"])

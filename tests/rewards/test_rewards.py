@@ -101,7 +101,7 @@ def test_reward_from_a_module():
     from medvl_jax import config as config_lib
     from medvl_jax.data import pipeline
     from medvl_jax.tasks import grpo
-    from medvl_jax.train import cli
+    from medvl_jax.train import run
 
     assert rewards.import_reward("tests.rewards.test_rewards:short_answer") is short_answer
     for bad in ("tests.rewards.test_rewards", "tests.rewards.nope:f",
@@ -114,10 +114,11 @@ def test_reward_from_a_module():
     del config["sft"]
     config.task = "grpo"
     config.data.pack = False  # GRPO builds its own batches.
-    config.grpo = grpo.default_config()
+    config.grpo = grpo.GRPOTask.default_config()
+    config.evals = {}
     config.grpo.update(group_size=2, rewards={"accuracy": 1.0, "short": 0.5},
                        reward_functions={"short": "tests.rewards.test_rewards:short_answer"})
-    cli.validate(config)
+    run.validate(config)
     task = grpo.GRPOTask(config, pipeline.make_tokenizer(config.tokenizer))
     total, parts = task.reward_fn.components(["q", "q"], ["yes", "maybe"],
                                              answer=["yes", "yes"],

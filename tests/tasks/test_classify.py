@@ -1,6 +1,6 @@
 """The classify task: masked BCE against the NumPy formula, MedSynth's regional labels against
 the study's own closed questions, label vectors from JSONL label files, the evaluator against a
-pairwise ROC-AUC by hand, learning a finding in a few steps, and ``sft.vision_stage`` (the
+pairwise ROC-AUC by hand, learning a finding in a few steps, and ``vision_stage`` (the
 classifier's tower starts the SFT model, one command)."""
 import json
 
@@ -10,17 +10,18 @@ import pytest
 
 from medvl_jax import config as config_lib
 from medvl_jax.data import pairs
-from medvl_jax.data.medsynth import generate_study, study_seed
+from medvl_jax.data.medsynth import generate_study, prompts, study_seed
+from medvl_jax.evaluate import evaluators
 from medvl_jax.tasks import classify
 from medvl_jax.tasks.classify import ClassifyTask
-from medvl_jax.train import cli
+from medvl_jax.train import cli, restore, run
 
 SMOKE = "configs/medsynth_classify.py:smoke"
 TINY = [("model.vision.depth", 1), ("train.progress", False), ("train.log_every", 1)]
 
 
 def _task(*overrides):
-    return ClassifyTask(config_lib.load_config(SMOKE, TINY + list(overrides)))
+    return ClassifyTask(run.complete(config_lib.load_config(SMOKE, TINY + list(overrides))))
 
 
 def test_masked_bce_equals_numpy_formula():
@@ -44,7 +45,7 @@ def test_medsynth_regional_labels_agree_with_the_study_questions():
         rec = generate_study("cxr", study_seed(0, "test", "cxr", i), image_size=64,
                              render=False)
         lab = pairs.medsynth_labels(rec, regional=True)
-        assert set(classify.MEDSYNTH_CXR_LABELS) <= set(lab)
+        assert set(prompts.CXR_LABELS) <= set(lab)
         assert lab["nodule"] == any(lab[f"nodule_{s}_{z}"] for s in ("right", "left")
                                     for z in ("upper", "middle", "lower"))
         assert lab["effusion"] == (lab["effusion_right"] or lab["effusion_left"])
@@ -128,20 +129,19 @@ def _pairwise_auc(scores, y):
     return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / (len(pos) * len(neg))
 
 
-def test_evaluate_equals_auc_and_accuracy_by_hand():
-    task = _task(("classify.eval_studies", 24), ("classify.eval_batch_size", 10))
+def test_evaluator_equals_auc_and_accuracy_by_hand():
+    task = _task(("evals.test.data.cxr.num_studies", 24), ("classify.predict_batch_size", 10))
     params = jax.tree.map(np.asarray, task.init(jax.random.key(1),
                                                 task.dummy_batch(2)))
     import flax.linen as nn
 
     params = nn.unbox(params)
-    res = task.evaluate(params, "test")
-    data = pairs.medsynth_eval_set(task.config.data, task.config.data.sources["cxr"], "test",
-                                   24, regional=True)
+    res = evaluators.build(task.config, task)["test"](params)
+    data = pairs.eval_set(task.config.data, task.config.evals.test.data, "test")
     logits = np.asarray(task.model.apply({"params": params}, data["images"]))
     assert res["n"] == 24 and list(res["per_label"]) == list(task.labels)
     for i, name in enumerate(task.labels):
-        y, row = data["labels"][name], res["per_label"][name]
+        y, row = data["labels"][name] > 0, res["per_label"][name]
         assert row["positives"] == y.sum()
         np.testing.assert_allclose(row["accuracy"], np.mean((logits[:, i] > 0) == y))
         if 0 < y.sum() < len(y):
@@ -154,9 +154,9 @@ def test_classifier_learns_cardiomegaly(tmp_path):
     assert cli.main(["--config", SMOKE, "--workdir", wd, "--config.train.progress=False",
                      "--config.train.steps=30", "--config.data.batch_size=32",
                      "--config.data.sources.cxr.num_studies=2000",
-                     "--config.classify.eval_studies=64", "--config.train.checkpoint_every=30"]
-                    ) == 0
-    res = json.load(open(f"{wd}/classify_results.json"))
+                     "--config.evals.test.data.cxr.num_studies=64",
+                     "--config.train.checkpoint_every=30"]) == 0
+    res = json.load(open(f"{wd}/results.json"))["test"]
     assert res["per_label"]["cardiomegaly"]["auc"] > 0.9, res["per_label"]["cardiomegaly"]
     first, *_, last = (json.loads(x) for x in open(f"{wd}/metrics.jsonl"))
     assert last["loss"] < first["loss"]
@@ -164,10 +164,11 @@ def test_classifier_learns_cardiomegaly(tmp_path):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="classify.labels is empty"):
-        _task(("classify.labels", ()))
+        ClassifyTask(run.complete(config_lib.load_config(SMOKE, TINY + [
+            ("classify.labels", ())])))
     with pytest.raises(ValueError, match=r"data.image_size=32 but model.vision.image_size=64"):
         _task(("data.image_size", 32))
-    cfg = config_lib.load_config(SMOKE, TINY)
+    cfg = run.complete(config_lib.load_config(SMOKE, TINY))
     with cfg.unlocked():
         cfg.model.text = {"embed_dim": 8}
     with pytest.raises(KeyError, match=r"unknown key\(s\) \['text'\]"):
@@ -177,12 +178,11 @@ def test_config_errors_name_the_field():
 def test_vision_stage_trains_the_tower_that_starts_sft(tmp_path, capsys):
     """One command: the classifier is trained into <workdir>/vision_stage and its tower is
     the SFT model's (checked with the tower frozen); a resumed run skips the stage."""
-    from medvl_jax.convert import workdir as workdir_lib
-
+    workdir_lib = restore
     wd = str(tmp_path / "sft")
     args = ["--config", "configs/medsynth_sft.py:smoke", "--workdir", wd,
-            f"--config.sft.vision_stage={SMOKE}", "--config.train.steps=1",
-            "--config.train.checkpoint_every=1", "--config.sft.eval_studies=0",
+            f"--config.vision_stage={SMOKE}", "--config.train.steps=1",
+            "--config.train.checkpoint_every=1", "--config.evals={}",
             "--config.train.progress=False", "--config.optim.freeze=^vision/"]
     assert cli.main(args) == 0
     assert "vision stage:" in capsys.readouterr().out
@@ -196,5 +196,5 @@ def test_vision_stage_trains_the_tower_that_starts_sft(tmp_path, capsys):
     assert cli.main(args + ["--config.train.steps=2"]) == 0  # Resumes: no stage.
     assert "vision stage:" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="vision_stage.*not both"):
-        cli.main(args[:2] + ["--workdir", str(tmp_path / "x"), f"--config.sft.vision_init={wd}"]
+        cli.main(args[:2] + ["--workdir", str(tmp_path / "x"), f"--config.vision_init={wd}"]
                  + args[4:])

@@ -16,8 +16,10 @@ from medvl_jax.data.errors import DataError
 from medvl_jax.evaluate import retrieval
 from medvl_jax.models.two_tower import TwoTower
 from medvl_jax.tasks import contrastive_losses as closs
-from medvl_jax.tasks.contrastive import FINDINGS, ContrastiveTask, prompts
-from medvl_jax.train import cli
+from medvl_jax.data.medsynth.prompts import FINDINGS, prompts
+from medvl_jax.evaluate import evaluators
+from medvl_jax.tasks.contrastive import ContrastiveTask
+from medvl_jax.train import cli, run
 
 SMOKE = "configs/medsynth_siglip.py:smoke"
 TINY = [("model.vision.depth", 1), ("model.text.depth", 1), ("train.progress", False),
@@ -30,7 +32,7 @@ def tokenizer():
 
 
 def _task(tokenizer, *overrides, vision=None):
-    cfg = config_lib.load_config(SMOKE, TINY + list(overrides))
+    cfg = run.complete(config_lib.load_config(SMOKE, TINY + list(overrides)))
     if vision:  # Model fields the config does not set.
         with cfg.unlocked():
             cfg.model.vision.update(vision)
@@ -68,7 +70,7 @@ def test_loss_equals_loss_of_independent_embeddings(tokenizer, kind):
 def _cli_losses(tmp_path, name, *extra):
     workdir = str(tmp_path / name)
     args = ["--config", SMOKE, "--workdir", workdir, "--config.train.steps=3",
-            "--config.train.mesh.data=8", "--config.contrastive.eval_studies=0",
+            "--config.train.mesh.data=8", "--config.evals={}",
             "--config.train.checkpoint_every=0", "--config.model.vision.depth=1",
             "--config.model.text.depth=1", "--config.train.progress=False",
             "--config.data.max_length=32", "--config.model.text.max_len=32", *extra]
@@ -103,25 +105,26 @@ def test_sharded_loss_is_used_under_a_mesh(tokenizer):
 
 
 def test_zero_shot_equals_roc_auc_by_hand(tokenizer):
-    task = _task(tokenizer, ("contrastive.probe_studies", 0))
+    task = _task(tokenizer)
     params = nn.unbox(task.init(jax.random.key(3), task.dummy_batch(2)))
-    res = task.evaluate(params, "test")
+    evals = evaluators.build(task.config, task)
+    res = evals["zero_shot"](params)
     spec = dict(task.config.data.sources["cxr"])
-    data = pairs.medsynth_eval_set(task.config.data, spec, "test", 16)
+    data = pairs.eval_set(task.config.data, {"cxr": {**spec, "num_studies": 16}}, "test")
     model, v = TwoTower(task.model_config), {"params": params}
     img = np.asarray(model.apply(v, data["images"], method=TwoTower.encode_image))
     for finding in FINDINGS:
         cls = []
-        for texts in prompts(finding, task.config.contrastive.prompts):
+        for texts in prompts(finding, "report"):
             tok, mask = pairs.tokenize(tokenizer, texts, task.config.data.max_length)
             e = np.asarray(model.apply(v, tok, mask, method=TwoTower.encode_text)).mean(0)
             cls.append(e / np.linalg.norm(e))
         score = img @ cls[1] - img @ cls[0]
-        want = retrieval.roc_auc(score, data["labels"][finding])
-        assert res["zero_shot"][finding]["auc"] == pytest.approx(want, abs=1e-6)
-        acc = np.mean((score > 0) == data["labels"][finding])
-        assert res["zero_shot"][finding]["accuracy"] == pytest.approx(acc)
-    assert set(res["retrieval"]) >= {"i2t@1", "t2i@10"}
+        want = retrieval.roc_auc(score, data["labels"][finding] > 0)
+        assert res["per_label"][finding]["auc"] == pytest.approx(want, abs=1e-6)
+        acc = np.mean((score > 0) == (data["labels"][finding] > 0))
+        assert res["per_label"][finding]["accuracy"] == pytest.approx(acc)
+    assert set(evals["retrieval"](params)) >= {"i2t@1", "t2i@10"}
 
 
 def _texts(cfg, n):
@@ -204,16 +207,19 @@ def test_ct_volume_report_pairs(tokenizer):
                  ("data.sources", {"ct": pipeline.medsynth_source(
                      "ct", num_studies=8, volume_shape=(8, 16, 16))}),
                  ("data.volume_shape", (8, 16, 16)), ("data.batch_size", 4),
-                 ("model.vision.image_size", 16), ("contrastive.eval_studies", 4),
-                 ("contrastive.probe_studies", 4), ("contrastive.eval_batch_size", 4),
+                 ("model.vision.image_size", 16), ("contrastive.embed_batch_size", 4),
+                 ("evals", {"zs": evaluators.entry(
+                     "zero_shot", {"ct": pipeline.medsynth_source(
+                         "ct", num_studies=4, volume_shape=(8, 16, 16))},
+                     classes={"nodule": [["No lesion."], ["A lung lesion."]]})}),
                  vision={"tubelet": 2})
     batch = _batch(task)
     assert batch["images"].shape == (4, 8, 16, 16, 1)
     params = nn.unbox(task.init(jax.random.key(0), batch))
     loss, _ = task.loss(params, batch, None)
     assert np.isfinite(float(loss))
-    res = task.evaluate(params)
-    assert set(res["zero_shot"]) == {"nodule"}
+    res = evaluators.build(task.config, task)["zs"](params)
+    assert set(res["per_label"]) == {"nodule"} and res["n"] == 4
 
 
 def test_config_errors_name_the_field(tokenizer):
@@ -261,17 +267,17 @@ def test_finetune_from_a_converted_siglip_checkpoint(tmp_path):
 
 
 def test_contrastive_tower_initialises_the_sft_encoder(tmp_path):
-    """sft.vision_init: the VLM's vision params start as the contrastive run's tower (checked
+    """vision_init: the VLM's vision params start as the contrastive run's tower (checked
     with the tower frozen for a step), the rest fresh; a tower of another shape is refused."""
-    from medvl_jax.convert import workdir as workdir_lib
+    from medvl_jax.train import restore as workdir_lib
 
     tower = str(tmp_path / "tower")
     assert cli.main(["--config", SMOKE, "--workdir", tower, "--config.train.steps=2",
-                     "--config.train.checkpoint_every=2", "--config.contrastive.eval_studies=0",
+                     "--config.train.checkpoint_every=2", "--config.evals={}",
                      "--config.train.progress=False"]) == 0
     sft_args = ["--config", "configs/medsynth_sft.py:smoke", "--config.train.steps=1",
-                "--config.train.checkpoint_every=1", "--config.sft.eval_studies=0",
-                f"--config.sft.vision_init={tower}", "--config.train.progress=False"]
+                "--config.train.checkpoint_every=1", "--config.evals={}",
+                f"--config.vision_init={tower}", "--config.train.progress=False"]
     sft_wd = str(tmp_path / "sft")
     # The SFT smoke model's tower is one layer deeper than the contrastive smoke tower.
     with pytest.raises(ValueError, match=r"model\.vision\.depth=3 .* has 2"):

@@ -13,9 +13,9 @@ from medvl_jax import config as config_lib
 from medvl_jax.convert import checkpoint_io
 from medvl_jax.data import medsynth, pipeline, preferences
 from medvl_jax.evaluate import scoring
-from medvl_jax.tasks import dpo, pretrained, rl_losses
+from medvl_jax.tasks import dpo, policy, rl_losses
 from medvl_jax.tasks.sft import SFTTask
-from medvl_jax.train import cli
+from medvl_jax.train import cli, restore, run
 
 RUN = ["--config.train.progress=False"]
 
@@ -112,9 +112,14 @@ def test_mistake_pairs_are_the_wrong_predictions(records):
 
 def _config(ckpt, *extra):
     overrides, _ = config_lib.parse_overrides([f"--config.init_from={ckpt}", *extra] + RUN)
-    config = config_lib.load_config("configs/medsynth_dpo.py:smoke", overrides)
-    cli.validate(config)
-    return pretrained.resolve_config(config)
+    return policy.resolve_config(run.load("configs/medsynth_dpo.py:smoke", overrides),
+                                 restore.load(ckpt))
+
+
+def _task(config, **kw):
+    """The DPO task of ``config`` started from its init_from (the reference)."""
+    return dpo.DPOTask(config, pipeline.make_tokenizer(config.tokenizer),
+                       start=restore.load(config.init_from), **kw)
 
 
 def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
@@ -132,7 +137,7 @@ def test_task_loss_equals_dpo_loss_of_independent_logprobs(sft_checkpoint):
     loss, metrics = jax.jit(task.loss)(params, batch, jax.random.key(0))
 
     def seq_logp(p, side):  # Full forward pass, NumPy log-softmax in float64.
-        logits, _ = task.model.apply({"params": p}, batch[f"{side}_tokens"],
+        logits, _ = task.policy.model.apply({"params": p}, batch[f"{side}_tokens"],
                                      batch[f"{side}_images"],
                                      input_mask=batch[f"{side}_input_mask"],
                                      mask_ar=batch[f"{side}_mask_ar"])
@@ -169,7 +174,8 @@ def _loss_rows(workdir):
 
 def test_smoke_run_starts_at_the_reference_and_resumes_exactly(sft_checkpoint, tmp_path):
     wd, split = str(tmp_path / "wd"), str(tmp_path / "split")
-    base = ["--config", "configs/medsynth_dpo.py:smoke", f"--config.init_from={sft_checkpoint}"]
+    base = ["--config", "configs/medsynth_dpo.py:smoke", f"--config.init_from={sft_checkpoint}",
+            "--config.evals={}"]
     assert cli.main(base + ["--workdir", wd] + RUN) == 0
     rows = _loss_rows(wd)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -192,50 +198,54 @@ def test_smoke_run_starts_at_the_reference_and_resumes_exactly(sft_checkpoint, t
     assert checkpoint_io.read_meta(out)["source"]["step"] == 3
 
 
-def test_test_evaluation_adds_the_reference_and_a_no_image_baseline(sft_checkpoint, capsys):
-    from medvl_jax.evaluate import harness, protocols
+def test_declared_evaluation_adds_the_reference_and_a_no_image_baseline(sft_checkpoint):
+    """The smoke config's vqa evaluator (compare_start, no_image baseline) answers with the
+    trained model, the reference (before) and the trained model without its images."""
+    from medvl_jax.evaluate import evaluators
 
-    config = _config(sft_checkpoint, "--config.dpo.eval_studies=6")
-    tok = pipeline.make_tokenizer(config.tokenizer)
+    config = _config(sft_checkpoint, "--config.evals.test.data.cxr.num_studies=6")
     _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
     moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape,
                                                                 x.dtype), params)
+    task = _task(config)
+    ev = evaluators.build(config, task)["test"]
     # The reference is the starting point: with the policy still there, before == after.
-    same = dpo.DPOTask(config, tok, reference_params=params).evaluate(params, "test")
+    same = ev(params)
     assert same["before"]["per_type"] == same["per_type"]
-    task = dpo.DPOTask(config, tok, reference_params=params)
-    res = task.evaluate(moved, "test")
-    assert res["num_questions"] == res["before"]["num_questions"] >= 10
+    res = ev(moved)
+    assert res["num_questions"] >= 10
     assert [p["prediction"] for p in res["predictions"]] != \
         [p["prediction"] for p in same["predictions"]]
     assert res["before"]["per_type"] == same["per_type"]
-    # The no-image scores equal the evaluation harness's no_image condition (exact-match
-    # counting under the medsynth protocol), an independent path through the same sampler.
-    ref = harness.evaluate(task, moved, task.policy.eval_examples("test"),
-                           [protocols.get("medsynth")], baselines=["no_image"])
-    blind = ref["protocols"]["medsynth"]["conditions"]["no_image"]["per_type"]
-    assert res["no_image"]["per_type"]["counting"] == blind["counting"]
-    task.report(res, "")
-    table = capsys.readouterr().out
-    assert "before" in table and "no image" in table and "overall" in table
+    # Independently of the evaluator: the reference's answers, scored by hand.
+    examples = evaluators.examples(ev)
+    texts = task.generate_texts(params, examples, batch_size=8, max_new_tokens=16)
+    want = np.mean([scoring.score(ex["meta"]["question_type"], t, ex["meta"]["answer"])
+                    for ex, t in zip(examples, texts)])
+    assert res["before"]["overall"] == pytest.approx(want)
+    blind = res["protocols"]["medsynth"]["conditions"]["no_image"]
+    assert blind["num_questions"] == res["num_questions"]
+    table = ev.format(res)
+    assert "before" in table and "no_image" in table and "change" in table
 
 
 def test_mined_mistakes_are_the_starting_models_wrong_greedy_answers(sft_checkpoint):
     config = _config(sft_checkpoint, "--config.dpo.mistake_fraction=1.0",
                      "--config.dpo.mistake_studies=3", "--config.data.batch_size=4",
                      "--config.dpo.mistake_samples=1", "--config.dpo.mistake_temperature=0")
-    tok = pipeline.make_tokenizer(config.tokenizer)
-    task = dpo.DPOTask(config, tok)
+    task = _task(config)
+    tok = task.tokenizer
     pairs = task.mine_mistakes()
     again = task.mine_mistakes()  # Deterministic: a resumed run mines the same pairs.
     assert pairs and [(p["id"], p["rejected"]) for p in pairs] == \
         [(p["id"], p["rejected"]) for p in again]
     # Independently: the checkpoint's greedy answers, one question at a time.
     _, params, _ = checkpoint_io.load_checkpoint(sft_checkpoint)
-    examples = {ex["id"]: ex for ex in task.policy.eval_examples("train", 3)}
+    examples = {ex["id"]: ex for ex in pipeline.question_examples(config.data.sources, "train",
+                                                                   limit=3)}
     for p in pairs[:4]:
         ex = examples[p["id"]]
-        [text] = task.policy.generate_texts(params, [ex])
+        [text] = task.generate_texts(params, [ex], batch_size=1, max_new_tokens=16)
         assert p["rejected"] == text and p["chosen"] == ex["meta"]["answer"]
         assert scoring.score(ex["meta"]["question_type"], text, p["chosen"]) < 1
     # With mistake_fraction 1 every batch is made of them: the rejected side's answer tokens
@@ -250,8 +260,9 @@ def test_mined_mistakes_are_the_starting_models_wrong_greedy_answers(sft_checkpo
 def test_sampled_mistakes(sft_checkpoint):
     config = _config(sft_checkpoint, "--config.dpo.mistake_fraction=1.0",
                      "--config.dpo.mistake_studies=2", "--config.dpo.mistake_samples=3")
-    task = dpo.DPOTask(config, pipeline.make_tokenizer(config.tokenizer))
-    questions = {ex["id"]: ex for ex in task.policy.eval_examples("train", 2)}
+    task = _task(config)
+    questions = {ex["id"]: ex for ex in pipeline.question_examples(config.data.sources,
+                                                                    "train", limit=2)}
     pairs = task.mine_mistakes()
     again = task.mine_mistakes()
     assert [p["rejected"] for p in pairs] == [p["rejected"] for p in again]
@@ -266,8 +277,7 @@ def test_sampled_mistakes(sft_checkpoint):
         by_q.setdefault(p["id"], []).append(p["rejected"])
     assert any(len(set(v)) > 1 for v in by_q.values())
     with pytest.raises(ValueError, match="one sample when greedy"):
-        dpo.DPOTask(_config(sft_checkpoint, "--config.dpo.mistake_temperature=0"),
-                    task.tokenizer).mine_mistakes()
+        _task(_config(sft_checkpoint, "--config.dpo.mistake_temperature=0")).mine_mistakes()
 
 
 def _write_pairs(tmp_path, records):
@@ -309,8 +319,8 @@ def test_preference_files_feed_dpo(sft_checkpoint, tmp_path):
                      "--config.data.batch_size=3", "--config.data.shuffle=False",
                      "--config.dpo.pair_weights.visual=4.0")
     config.data.sources = {"mine": preferences.preference_source(path)}
-    tok = pipeline.make_tokenizer(config.tokenizer)
-    task = dpo.DPOTask(config, tok)
+    task = _task(config)
+    tok = task.tokenizer
     batch = next(task.data_iterator(config, process_index=0, process_count=1))
     by_weight = dict(zip(batch["weight"].tolist(), range(3)))
     assert sorted(by_weight) == [1.0, 2.5, 4.0]  # Record weight; default text 1; visual 4.
@@ -327,10 +337,11 @@ def test_preference_files_feed_dpo(sft_checkpoint, tmp_path):
                                _pixels(tmp_path / "a_masked.png", config), atol=1e-6)
     loss, _ = jax.jit(task.loss)(task.reference_params(), batch, jax.random.key(0))
     assert np.isfinite(float(loss))
-    # The same config trains through the CLI's path (no MedSynth source: no evaluation).
+    # The same config trains through the CLI's path.
     wd = str(tmp_path / "wd")
     config.data.batch_size = 8  # Divisible by the test session's 8 CPU devices.
-    assert cli.train(config, wd) == 0
+    config.evals = {}
+    assert run.train(config, wd) == 0
     assert [r["step"] for r in _loss_rows(wd)] == [1, 2, 3]
 
 

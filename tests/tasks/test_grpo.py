@@ -17,17 +17,19 @@ def test_rollout_and_inner_updates():
     config = ml_collections.ConfigDict(base.to_dict())
     del config["sft"]
     config.task = "grpo"
+    config.data.pack = False  # GRPO builds its own batches.
     config.data.sources = {"cxr": pipeline.medsynth_source("cxr", num_studies=2)}
     config.data.max_images = 1
     config.data.batch_size = 4
-    config.grpo = grpo.default_config()
-    config.grpo.update(group_size=2, max_new_tokens=6, mu=2, eval_studies=1, beta=0.04,
+    config.grpo = grpo.GRPOTask.default_config()
+    config.grpo.update(group_size=2, max_new_tokens=6, mu=2, beta=0.04,
                        rewards={"accuracy": 1.0, "length": 0.5}, length_buffer=2)
     tok = pipeline.make_tokenizer(config.tokenizer)
     params = nn.unbox(jax.jit(grpo.GRPOTask(config, tok).init)(
         jax.random.key(0), grpo.GRPOTask(config, tok).dummy_batch(4)))
     task = grpo.GRPOTask(config, tok, reference_params=params)
-    examples = task.policy.eval_examples("test")[:2]
+    examples = pipeline.question_examples(
+        {"cxr": {**config.data.sources["cxr"], "num_studies": 1}}, "test")[:2]
 
     batch = task.rollout(params, examples, jax.random.key(1))
     dummy = task.dummy_batch(4)
@@ -100,7 +102,7 @@ def test_cli_run_through_the_loop_hook_resumes_exactly(tmp_path):
 
     ckpt = _sft_checkpoint(str(tmp_path / "sft"))
     base = ["--config", "configs/medsynth_grpo.py:smoke", f"--config.init_from={ckpt}",
-            "--config.train.progress=False"]
+            "--config.train.progress=False", "--config.evals={}"]
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     assert cli.main(base + ["--workdir", straight]) == 0
     assert cli.main(base + ["--workdir", resumed, "--config.train.steps=2"]) == 0
@@ -121,3 +123,20 @@ def test_cli_run_through_the_loop_hook_resumes_exactly(tmp_path):
         tokens = r["completion_length"] * 8  # data.batch_size completions (smoke: 8).
         np.testing.assert_allclose(r["rollout_tokens_per_s"], tokens / r["time_sample_s"],
                                    rtol=1e-4)
+
+
+def test_standalone_smoke_starts_from_its_own_random_policy(tmp_path):
+    """configs/medsynth_grpo.py:smoke without init_from: a random policy of the SFT smoke
+    model whose reference is the run's own initial weights (recomputed from train.seed), so
+    the first update is on-policy with a zero KL; the declared evaluator answers with both."""
+    import json
+
+    from medvl_jax.train import cli
+
+    wd = str(tmp_path / "run")
+    assert cli.main(["--config", "configs/medsynth_grpo.py:smoke", "--workdir", wd,
+                     "--config.train.steps=1", "--config.train.progress=False"]) == 0
+    row = json.loads(open(f"{wd}/metrics.jsonl").readline())
+    assert abs(row["kl"]) < 1e-6 and abs(row["ratio_mean"] - 1) < 1e-5
+    res = json.load(open(f"{wd}/results.json"))["test"]
+    assert set(res["before"]["per_type"]) == set(res["per_type"])

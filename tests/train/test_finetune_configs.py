@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 from medvl_jax import config as config_lib  # noqa: E402
 from medvl_jax.convert import checkpoint_io, from_hf  # noqa: E402
 from medvl_jax.data import pipeline  # noqa: E402
-from medvl_jax.tasks import pretrained  # noqa: E402
+from medvl_jax.tasks import base, policy  # noqa: E402
+from medvl_jax.train import restore, run  # noqa: E402
 from medvl_jax.tasks.sft import SFTTask  # noqa: E402
 from medvl_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from medvl_jax.train import cli  # noqa: E402
@@ -23,7 +24,7 @@ from medvl_jax.train import cli  # noqa: E402
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16)
-RUN = ["--config.sft.eval_studies=0", "--config.train.progress=False"]
+RUN = ["--config.evals={}", "--config.train.progress=False"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,8 @@ def test_finetune_starts_from_the_converted_weights(family, tokenizer, tmp_path)
 
     # The loss of step 0 (logged at step 1) is the converted model's loss on the first batch.
     overrides, _ = config_lib.parse_overrides([f"--config.init_from={ckpt}"] + RUN)
-    config = pretrained.resolve_config(config_lib.load_config(spec, overrides))
+    config = policy.resolve_config(run.complete(config_lib.load_config(spec, overrides)),
+                                   restore.load(ckpt))
     assert config.tokenizer == os.path.join(ckpt, "tokenizer")
     assert config.data.num_image_tokens == 4
     tok = pipeline.make_tokenizer(config.tokenizer)
@@ -100,17 +102,17 @@ def test_finetune_starts_from_the_converted_weights(family, tokenizer, tmp_path)
 
 def test_mismatches_are_named(tokenizer, tmp_path):
     ckpt = _convert("paligemma", tokenizer, tmp_path)
-    ckpt_cfg = pretrained.checkpoint_config(ckpt)
+    ckpt_cfg = restore.load(ckpt).model_config
     import dataclasses
 
     other = dataclasses.replace(ckpt_cfg, text=dataclasses.replace(ckpt_cfg.text, num_layers=2))
     with pytest.raises(ValueError, match="model.text.num_layers=2 in the config but 1"):
-        pretrained.check_model(other, ckpt_cfg, ckpt)
+        base.check_same_model(other, ckpt_cfg, ckpt)
     big = transformers.AutoTokenizer.from_pretrained(os.path.join(ckpt, "tokenizer"))
     big.add_tokens([f"extra{i}" for i in range(8)])
     with pytest.raises(ValueError, match=f"{len(big)} tokens but init_from=.* vocabulary of "
                                          f"{len(tokenizer)}"):
-        pretrained.check_tokenizer(big, ckpt_cfg, ckpt)
+        policy.check_tokenizer(big, ckpt_cfg, ckpt)
     # A config without init_from and without a model section says what to do.
     with pytest.raises(ValueError, match="--config.init_from=DIR"):
-        pretrained.resolve_config(config_lib.load_config("configs/paligemma_sft.py:smoke"))
+        policy.resolve_config(config_lib.load_config("configs/paligemma_sft.py:smoke"), None)

@@ -18,10 +18,10 @@ from medvl_jax.tasks.sft import SFTTask
 from medvl_jax.parallel import mesh as mesh_lib
 from medvl_jax.parallel import rules
 from medvl_jax.train import checkpoint as ckpt_lib
-from medvl_jax.train import cli
+from medvl_jax.train import run as run_lib
 
 SMOKE = "configs/medsynth_sft.py:smoke"
-BASE = [("train.log_every", 1), ("train.progress", False), ("sft.eval_studies", 0),
+BASE = [("train.log_every", 1), ("train.progress", False), ("evals", {}),
         ("optim.schedule", "constant"), ("model.text.num_layers", 1), ("model.vision.depth", 1)]
 
 
@@ -58,14 +58,14 @@ def test_config_errors_fail_fast(tmp_path):
     cfg = config_lib.load_config_file(SMOKE)
     cfg.unknown_section = 1
     with pytest.raises(KeyError, match="unknown_section"):
-        cli.validate(cfg)
+        run_lib.validate(cfg)
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
     wd = str(tmp_path)
     args = [sys.executable, "-m", "medvl_jax.train", "--config", SMOKE, "--workdir", wd,
             "--config.train.steps=400", "--config.train.log_every=1",
-            "--config.train.progress=False", "--config.sft.eval_studies=0",
+            "--config.train.progress=False", "--config.evals={}",
             "--config.model.text.num_layers=1", "--config.model.vision.depth=1",
             "--config.train.checkpoint_every=1000"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,7 +87,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
                                     "--config.model.vision.depth=1",
                                     "--config.train.log_every=1",
                                     "--config.train.progress=False",
-                                    "--config.sft.eval_studies=0"],
+                                    "--config.evals={}"],
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"resumed from step {saved}" in p.stdout

@@ -35,8 +35,10 @@ class TokenTask(tiny.TinyTask):
 
 def test_metrics_files(tmp_path):
     wd = str(tmp_path)
-    cfg = tiny.config(steps=4, eval_every=2, peak_flops_per_device=1e9, checkpoint_every=0)
-    results = loop.train(cfg, wd, TokenTask(), data_iter_fn=tiny.data_iter)
+    cfg = tiny.config(steps=4, peak_flops_per_device=1e9, checkpoint_every=0)
+    task = TokenTask()
+    results = loop.train(cfg, wd, task, data_iter_fn=tiny.data_iter,
+                         evaluators={"val": tiny.Validation(task, every=2)})
 
     rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

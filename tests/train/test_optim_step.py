@@ -1,16 +1,21 @@
 """Optimizer and train step on a tiny linear task, against hand formulas."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from medvl_jax.parallel import mesh as mesh_lib
+from medvl_jax.tasks import base
 from medvl_jax.train import loop, optim
 from medvl_jax.train import state as state_lib
 
 
-class LinearTask:
+class LinearTask(base.Task):
     """loss = mean((x @ w + b - y)^2) over the batch."""
+
+    def __init__(self):
+        super().__init__(ml_collections.ConfigDict())
 
     def loss(self, params, batch, rng):
         pred = batch["x"] @ params["w"] + params["b"]

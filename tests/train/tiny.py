@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medvl_jax.tasks import base
 from medvl_jax.train import loop, optim
 
 DIM, HIDDEN, CLASSES = 8, 16, 4
@@ -32,7 +33,7 @@ def config(**train) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.train = loop.default_config()
     c.train.update(dict(steps=8, log_every=1, checkpoint_every=100, progress=False,
-                        eval_every=0, mesh={"data": -1, "fsdp": 1, "tensor": 1}))
+                        mesh={"data": -1, "fsdp": 1, "tensor": 1}))
     c.train.update(train)
     c.optim = optim.default_config()
     c.optim.update(dict(lr=0.05, warmup_steps=2, schedule="cosine", weight_decay=0.01))
@@ -71,13 +72,14 @@ class MLP(nn.Module):
                         bias_init=p(nn.initializers.zeros, ("vocab",)), name="out")(x)
 
 
-class TinyTask:
+class TinyTask(base.Task):
     """Softmax cross-entropy, averaged over the batch."""
 
     name = "tiny"
     flops_per_example = 6.0 * (DIM * HIDDEN + HIDDEN * CLASSES)
 
     def __init__(self):
+        super().__init__(ml_collections.ConfigDict())
         self.model = MLP()
 
     def dummy_batch(self, batch_size: int) -> dict:
@@ -94,18 +96,20 @@ class TinyTask:
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
         return jnp.mean(nll), {"accuracy": acc}
 
-    def evaluators(self):
+
+class Validation:
+    """A held-out accuracy evaluator for the loop (``every`` steps and at the end)."""
+
+    def __init__(self, task: TinyTask, every: int = 0):
+        self.every = every
         held_out = _examples(64, seed=99)
-        x = np.stack([e["x"] for e in held_out])
-        y = np.stack([e["y"] for e in held_out])
+        self.x = np.stack([e["x"] for e in held_out])
+        self.y = np.stack([e["y"] for e in held_out])
+        self.apply = jax.jit(task.model.apply)
 
-        apply = jax.jit(self.model.apply)
-
-        def val(state):
-            logits = np.asarray(apply({"params": state.params}, x))
-            return {"accuracy": float(np.mean(logits.argmax(-1) == y)), "n": len(y)}
-
-        return {"val": val}
+    def __call__(self, params):
+        logits = np.asarray(self.apply({"params": params}, self.x))
+        return {"accuracy": float(np.mean(logits.argmax(-1) == self.y)), "n": len(self.y)}
 
 
 class _SigtermAt(grain.DatasetIterator):
@@ -142,5 +146,7 @@ if __name__ == "__main__":
         it = data_iter(c, **kw)
         return _SigtermAt(it, kill_at) if kill_at else it
 
-    out = loop.train(cfg, workdir, TinyTask(), data_iter_fn=data_fn)
+    task = TinyTask()
+    out = loop.train(cfg, workdir, task, evaluators={"val": Validation(task)},
+                     data_iter_fn=data_fn)
     print("RESULT", out)
