@@ -90,8 +90,7 @@ def load(config: ml_collections.ConfigDict, directory: str):
         config, task, _ = run.build(_with(config, init_from=directory))
         return config, task, task.pretrained_params(), None
     saved = ckpt.config.to_dict()
-    if (not config.get("init_from") and "model" in config and not config.model
-            and saved.get("model")):
+    if "model" in config and not config.model and saved.get("model"):
         data = saved.get("data", {})
         config = _with(config, model=saved.get("model"), tokenizer=saved.get("tokenizer"),
                        data__image_size=data.get("image_size"),
@@ -101,8 +100,6 @@ def load(config: ml_collections.ConfigDict, directory: str):
         if diff:
             raise ValueError(f"--checkpoint {directory} (step {ckpt.step}) was trained with "
                              f"another model: {diff}")
-    if config.get("init_from"):  # The model is the saved one: nothing to start from.
-        config = _with(config, init_from="")
     from medvl_jax.parallel import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh(dict(config.train.mesh))

@@ -242,12 +242,15 @@ def _format_generative(name: str, r: Mapping) -> str:
 # Images: zero-shot, retrieval, classification, linear probe.
 # --------------------------------------------------------------------------------------------
 
-def _image_set(ev: Evaluator, split: str | None = None, limit: int | None = None) -> dict:
+def _image_set(ev: Evaluator, split: str | None = None, studies: int | None = None) -> dict:
+    """The evaluator's images (``studies``: that many records per source instead, MedSynth
+    studies included)."""
     from medvl_jax.data import pairs
 
     s = ev.spec
-    data = pairs.eval_set(ev.task.eval_image_config(), s["data"], split or s["split"],
-                          int(s["limit"] if limit is None else limit))
+    data = s["data"] if studies is None else with_studies(s["data"], studies)
+    data = pairs.eval_set(ev.task.eval_image_config(), data, split or s["split"],
+                          int(s["limit"] if studies is None else studies))
     if not len(data["texts"]):
         raise ValueError(f"evals.{ev.name}: no images in its data ({sorted(s['data'])})")
     return data
@@ -333,7 +336,7 @@ def _run_linear_probe(ev: Evaluator, model_params, params, progress) -> dict:
 
     s = ev.spec
     test = _image_set(ev)
-    train = _image_set(ev, split=s["train_split"], limit=int(s["train_limit"]))
+    train = _image_set(ev, split=s["train_split"], studies=int(s["train_limit"]))
     fx = ev.task.image_features(model_params, train["images"])
     vx = ev.task.image_features(model_params, test["images"])
     labels = list(s["labels"]) or sorted(set(test["labels"]) & set(train["labels"]))

@@ -197,6 +197,29 @@ class Task:
         return self.config.data
 
 
+def from_start(config: ml_collections.ConfigDict, start, model_section: dict,
+               what: str) -> ml_collections.ConfigDict:
+    """The common part of a task's ``resolve_config``: without ``start`` a config with an
+    empty model section is refused (``what``: the checkpoints that would fill it); with it,
+    an unlocked copy whose ``init_from`` is the start's path, whose empty model section is
+    ``model_section`` and whose empty tokenizer is the start's."""
+    if start is None:
+        if "model" in config and not config.model:
+            raise ValueError(f"config.model is empty and config.init_from is not set: pass "
+                             f"--config.init_from=DIR ({what}, see docs/finetune.md) or give "
+                             f"a model section")
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.init_from = start.path
+    if not config.get("model"):
+        out.model = ml_collections.ConfigDict(model_section)
+    if not config.get("tokenizer"):
+        if not start.tokenizer:
+            raise ValueError(f"init_from={start.path} has no tokenizer; set config.tokenizer")
+        out.tokenizer = start.tokenizer
+    return out
+
+
 def run_keys(seed: int):
     """``(init key, step key)`` of a run with ``train.seed = seed``: the loop initialises the
     parameters with the first (so a task can recompute a run's initial weights) and folds the

@@ -252,26 +252,15 @@ def resolve_config(config: ml_collections.ConfigDict, start) -> ml_collections.C
     length. Unchanged without ``start``; returns a locked config."""
     from medvl_jax.convert import checkpoint_io
 
+    what = "a two-tower checkpoint or a contrastive workdir"
     if start is None:
-        if "model" in config and not config.model:
-            raise ValueError("config.model is empty and config.init_from is not set: pass "
-                             "--config.init_from=DIR (a two-tower checkpoint or a contrastive "
-                             "workdir) or give a model section")
-        return config
+        return base.from_start(config, None, {}, what)
     ckpt = start.model_config
     if not isinstance(ckpt, TwoTowerConfig):
         raise checkpoint_io.CheckpointError(
             f"init_from={start.path}: {type(ckpt).__name__} is not a two-tower (image-text) "
             f"model; contrastive training needs one (e.g. SiglipModel)")
-    out = ml_collections.ConfigDict(config.to_dict())
-    out.init_from = start.path
-    if not config.get("model"):
-        out.model = ml_collections.ConfigDict(checkpoint_io.config_to_dict(ckpt))
-    if not config.get("tokenizer"):
-        if not start.tokenizer:
-            raise checkpoint_io.CheckpointError(
-                f"init_from={start.path} has no tokenizer; set config.tokenizer")
-        out.tokenizer = start.tokenizer
+    out = base.from_start(config, start, checkpoint_io.config_to_dict(ckpt), what)
     if out.data.image_size is None and out.data.volume_shape is None:
         out.data.image_size = ckpt.vision.image_size
     if out.data.channels is None:

@@ -36,28 +36,17 @@ def resolve_config(config: ml_collections.ConfigDict, start) -> ml_collections.C
     checkpoint's, ``data.image_size`` / ``data.num_image_tokens`` left None the checkpoint's.
     The completed config is what the run saves, so its workdir never needs ``init_from`` to
     be rebuilt. Returns a new, locked config (``config`` itself without ``start``)."""
+    what = "a VLM workdir or converted checkpoint"
     if start is None:
-        if "model" in config and not config.model:
-            raise ValueError("config.model is empty and config.init_from is not set: pass "
-                             "--config.init_from=DIR (a training workdir or a converted "
-                             "checkpoint, see docs/finetune.md) or give a model section")
-        return config
+        return base.from_start(config, None, {}, what)
     ckpt = start.model_config
     if not isinstance(ckpt, VLMConfig):
         raise checkpoint_io.CheckpointError(
             f"init_from={start.path}: {type(ckpt).__name__} is not a vision-language model; "
             f"this task needs a VLM (PaliGemma, LLaVA, Gemma 3, or a VLM workdir)")
-    out = ml_collections.ConfigDict(config.to_dict())
-    out.init_from = start.path
-    if not config.get("model"):
-        section = checkpoint_io.config_to_dict(ckpt)
-        section.pop("image_token_id")
-        out.model = ml_collections.ConfigDict(section)
-    if not config.get("tokenizer"):
-        if not start.tokenizer:
-            raise checkpoint_io.CheckpointError(
-                f"init_from={start.path} has no tokenizer; set config.tokenizer")
-        out.tokenizer = start.tokenizer
+    section = checkpoint_io.config_to_dict(ckpt)
+    section.pop("image_token_id")  # The tokenizer's.
+    out = base.from_start(config, start, section, what)
     if out.data.image_size is None and out.data.volume_shape is None:
         out.data.image_size = ckpt.vision.image_size
     if out.data.num_image_tokens is None:
@@ -180,6 +169,9 @@ class Policy:
         if self._reference is None:
             if self.start is not None:
                 self._reference = self.pretrained_params()
+            elif self.config.get("init_from"):
+                raise ValueError(f"the reference is init_from={self.config.init_from}, but "
+                                 f"this task was built without it (pass start=)")
             elif self.config.get("vision_init") or self.config.get("vision_stage"):
                 raise ValueError("a reference model is needed and the run starts from a "
                                  "vision tower: set config.init_from (a training workdir or "

@@ -95,10 +95,15 @@ def saved_config(workdir: str, step: int | None = None) -> tuple[ml_collections.
 
 
 def build_task(config: ml_collections.ConfigDict, start: Checkpoint | None = None):
-    """The task of a complete config (its tokenizer made here)."""
+    """The task of a complete config (its tokenizer made here), with the checkpoint its run
+    started from (``config.init_from``, opened lazily: a preference or RL task's reference)
+    when that is still on disk."""
     from medvl_jax import tasks
     from medvl_jax.data import pipeline
 
+    init_from = config.get("init_from") or ""
+    if start is None and init_from and os.path.exists(init_from):
+        start = load(init_from)
     tokenizer = pipeline.make_tokenizer(config.tokenizer) if config.get("tokenizer") else None
     return tasks.get(config.task)(config, tokenizer, start=start)
 

@@ -66,9 +66,10 @@ def test_a_task_outside_the_package_by_module_path(tmp_path, monkeypatch):
 
 
 def test_task_defaults_are_merged_under_the_given_fields():
-    config = config_lib.load_config("configs/medsynth_dpo.py:smoke", {})
+    config = config_lib.load_config_file("configs/medsynth_dpo.py:smoke")
     assert set(config.dpo) < set(tasks.get("dpo").default_config())  # Only a few given.
     full = run.complete(config)
+    assert full.to_dict() == config_lib.load_config("configs/medsynth_dpo.py:smoke").to_dict()
     assert full.dpo.beta == 0.1 and full.dpo.nll_weight == 1.0  # The config's own values.
     assert full.dpo.label_smoothing == 0.0 and full.dpo.mistake_batch_size == 64  # Defaults.
     assert full.dpo.pair_weights.mistake == 1.0
