@@ -108,7 +108,7 @@ def test_generate_on_a_workdir_prompts_like_training(trained, tmp_path):
     params = task.model_params(raw) if hasattr(task, "model_params") else raw
     for _ in range(6):
         ones = np.ones((1, len(ids)), np.int32)
-        logits, _ = task.model.apply({"params": params}, np.asarray([ids]),
+        logits, _ = task.policy.model.apply({"params": params}, np.asarray([ids]),
                                      np.asarray(image)[None, None],
                                      input_mask=ones.astype(bool), mask_ar=ones)
         ids.append(int(np.argmax(logits[0, -1])))
