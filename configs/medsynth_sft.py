@@ -17,7 +17,21 @@ per-question-type table on MedSynth test (evaluator ``test``) is printed and wri
 Measured (2 CPU cores, 2026-11-29): 13.1 min wall for both stages (stage 2 1.2 s/step, test
 evaluation included). Test table (60 studies per source, 1,084 questions): closed 95.0%, open
 98.5%, counting 72.9%, size 63.8%, progression 53.3%, multiple choice 28.3%, box 15.2%
-(overall 74.6%). Closed by question: cardiomegaly, effusion side and normal study 100%,
+(overall 74.6%).
+
+Re-measured 2026-12-07 from a fresh install of requirements.txt (2-core AMD EPYC, the
+committed seeds): closed 95.8%, open 96.2%, counting 77.6%, size 67.0%, progression 50.0%,
+multiple choice 25.3%, box 13.0% (overall 74.7%); the evaluation code of 2026-11-29 gives the
+same table on this checkpoint, and 2026-11-29's training code gives the same losses to the
+float (compared over the first 100 steps), so the difference from the table above is not the
+code. Nor the library versions: with transformers 5.24 (requirements)
+and 5.25 (what pyproject's ranges resolved to) the SFT losses are identical to the float
+(compared through step 125). It is the machine: the run is deterministic on one CPU kind but
+float32 sums come out in another order on another, and 500 steps amplify that -- on a 2-core
+Xeon with AVX-512 a user measured closed 96.0%, open 92.4%, overall 72.0% (twice, identical).
+Expect closed 94-96%, open 92-98.5%, overall 71.5-75% across CPU kinds and seeds (below). The
+wall time depends on the CPU and on what else runs: 13.1 min on the idle machine of
+2026-11-29, 19.8 min on that Xeon, 36 min here sharing the two cores with other training runs. Closed by question: cardiomegaly, effusion side and normal study 100%,
 nodule in a zone 88.2% (78.9% on the prior/current pairs). Multiple choice stays near its
 25% chance although the model knows the answers' contents: choosing the letter of an option
 is not learned in 500 steps. With other SFT seeds (``data.seed=1``, ``train.seed=1``; 13.2 min):
