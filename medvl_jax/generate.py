@@ -8,13 +8,15 @@ The checkpoint is a directory written by ``medvl_jax.convert.from_hf`` (tokenize
 ``DIR/export/step_N``, see ``medvl_jax.convert.workdir``). A model trained here is prompted
 exactly as in training: its chat template with the images' ``<image>`` placeholders in the user
 turn, its image preprocessing (a 3D tower gets the whole volume), its end-of-turn stop token.
+Images are read and scaled to [0, 1] by ``medvl_jax.data.pipeline.load_image``, the function
+training uses (DICOM CT in Hounsfield units through ``data.ct_window``, the non-finite policy,
+spacing), with the run's data section, or the default one for a converted model.
 Files that do not say what they hold (NIfTI) are read in their stored units: ``--modality ct``
-says they are CT in Hounsfield units, windowed with the run's ``data.ct_window`` as in training
-(MedSynth CT); otherwise they are min-max scaled. A DICOM file's own modality is kept.
+says they are CT in Hounsfield units, windowed as in training (MedSynth CT); otherwise they are
+min-max scaled. A DICOM file's own modality is kept.
 For a converted model, the prompt goes through the tokenizer's chat template when it
 has one (a single user turn plus the generation prompt), else it is used as raw text. For a VLM,
-each ``--image`` (PNG/JPEG/DICOM/NIfTI slice stack, read with
-``medvl_jax.data.readers.read_image``) is scaled to [0, 1] by its own min/max, turned into 3
+each ``--image`` (PNG/JPEG/DICOM/NIfTI slice stack) is scaled to [0, 1] as above, turned into 3
 channels, resized to the vision tower's size, normalised with the processor's mean/std
 (``preprocessor_config.json``, else 0.5/0.5), and its image tokens are placed before the text.
 PaliGemma prompts are a bidirectional prefix, as in its training. Greedy by default
@@ -38,16 +40,18 @@ from medvl_jax.models.vlm import VLMConfig
 from medvl_jax.sampling.sampler import generate
 
 
-def preprocess_image(path: str, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
-                     ) -> np.ndarray:
+def preprocess_image(path: str, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), *,
+                     modality: str | None = None) -> np.ndarray:
     """Reads an image file and returns float32 ``[size, size, 3]`` ready for the vision tower.
 
-    A volume or multi-frame file contributes its middle slice.
+    Intensities as in training with the default data section
+    (:func:`medvl_jax.data.pipeline.load_image`; ``modality`` for files that state none). A
+    volume or multi-frame file contributes its middle slice.
     """
+    from medvl_jax.data import pipeline
     from medvl_jax.data.preprocess import linear_resize
-    from medvl_jax.data.readers import read_image
 
-    x = np.asarray(read_image(path).pixels, np.float32)
+    x = pipeline.load_image(path, pipeline.default_config(), modality=modality)
     if x.ndim == 4:  # multi-frame colour
         x = x[x.shape[0] // 2]
     if x.ndim == 3 and x.shape[-1] not in (3, 4):  # volume: middle slice
@@ -58,8 +62,6 @@ def preprocess_image(path: str, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 
     if x.ndim != 3:
         raise DataError(f"cannot make an RGB image of shape {x.shape}", where=path,
                         reason="bad_dimensionality")
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     x = linear_resize(x, (size, size), axes=(0, 1), antialias=True)
     return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
@@ -100,9 +102,9 @@ def trained_prompt(data: dict, tokenizer, prompt: str, images: list[str],
     feat = pipeline.Featurizer(d, tokenizer, train=False)
     arrays = []
     for path in images:
-        img = pipeline.read_file(path)
-        x = pipeline.to_unit_range(img.pixels, img.modality or modality, d.ct_window)
-        if d.volume_shape is None and x.ndim == 3 and x.shape[-1] not in (3, 4):
+        x = pipeline.load_image(path, d, modality=modality)
+        if d.volume_shape is None and (x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in (
+                3, 4, d.channels))):
             x = x[x.shape[0] // 2]
         arrays.append(feat.ops(x, None))
     text = "".join(f"{chat.IMAGE_PLACEHOLDER}\n" for _ in images) + prompt
@@ -142,8 +144,8 @@ def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens:
         pixels, mask_ar = None, None
         if images:
             mean, std = _processor_stats(tok_dir)
-            pixels = np.stack([preprocess_image(p, config.vision.image_size, mean, std)
-                               for p in images])[None]
+            pixels = np.stack([preprocess_image(p, config.vision.image_size, mean, std,
+                                                modality=modality) for p in images])[None]
             ids = [config.image_token_id] * (num_image_tokens(config) * len(images)) + ids
         if isinstance(config, VLMConfig) and config.projector == "linear":
             mask_ar = np.zeros((1, len(ids)), np.int32)  # PaliGemma: bidirectional prefix

@@ -55,6 +55,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.volume_shape = None           # (D, H, W) to feed volumes instead of 2D images.
     c.pad_to_square = True
     c.ct_window = (-600.0, 1500.0)  # (centre, width) in HU, for CT images in HU.
+    c.ct_windows = ()               # ((centre, width), ...) in HU: one channel per window for
+                                    # CT (e.g. 3 windows as RGB); len must equal channels;
+                                    # empty: ct_window.
+    c.hu_clip = None                # (lo, hi) HU: CT is clipped to it before resampling.
+    c.target_spacing = None         # (z, y, x) mm: volumes resampled to this voxel spacing,
+                                    # then centre-cropped/padded to volume_shape (None: resized
+                                    # to volume_shape whatever their spacing).
+    c.nonfinite = "error"           # NaN/inf pixels: "error" (DataError) or "replace".
+    c.nonfinite_value = 0.0         # Replacement with "replace", in the image's units as read
+                                    # (HU for CT, stored units for NIfTI).
     c.augment = False               # Train-time photometric + small affine augmentation.
     c.normalise = (0.5, 0.5)        # (mean, std) applied last.
     c.qa_per_example = 1            # MedSynth: question/answer turns per example.
@@ -184,11 +194,53 @@ def report_examples(srcs, split: str, *, limit: int = 0) -> list[dict]:
 # Example → model inputs.
 # --------------------------------------------------------------------------------------------
 
+def _scan(cfg, key: str):
+    """A scan-reading setting of the data section ``cfg``; the default when ``cfg`` predates
+    the key (the data config saved with an older checkpoint)."""
+    return cfg[key] if key in cfg else _scan_defaults()[key]
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_defaults():
+    return default_config()
+
+
+def check_scan_config(cfg) -> None:
+    """Raises ValueError naming the data key when a scan-reading setting is invalid."""
+    windows = _scan(cfg, "ct_windows") or ()
+    for w in [cfg.ct_window, *windows]:
+        if len(tuple(w)) != 2 or float(tuple(w)[1]) <= 0:
+            raise ValueError(f"data.ct_window / data.ct_windows: a window is (centre, width) "
+                             f"with width > 0, got {tuple(w)}")
+    if windows and len(windows) != cfg.channels:
+        raise ValueError(f"data.ct_windows has {len(windows)} windows but data.channels = "
+                         f"{cfg.channels}: one channel per window")
+    clip = _scan(cfg, "hu_clip")
+    if clip is not None and (len(tuple(clip)) != 2 or not float(clip[0]) < float(clip[1])):
+        raise ValueError(f"data.hu_clip must be (lo, hi) with lo < hi, got {clip}")
+    spacing = _scan(cfg, "target_spacing")
+    if spacing is not None:
+        if len(tuple(spacing)) != 3 or min(float(v) for v in spacing) <= 0:
+            raise ValueError(f"data.target_spacing must be 3 positive (z, y, x) mm, got "
+                             f"{spacing}")
+        if cfg.volume_shape is None:
+            raise ValueError("data.target_spacing resamples volumes; it needs data.volume_shape")
+    if _scan(cfg, "nonfinite") not in preprocess.NONFINITE_POLICIES:
+        raise ValueError(f"data.nonfinite must be one of {preprocess.NONFINITE_POLICIES}, got "
+                         f"{_scan(cfg, 'nonfinite')!r}")
+
+
 def image_ops(cfg, *, train: bool) -> Callable:
-    """The preprocessing chain for one image, built from the data config."""
+    """The preprocessing chain for one image after :func:`load_image`, built from the data
+    config: volumes are resized to ``volume_shape`` (or, with ``target_spacing``, already
+    resampled by :func:`load_image`, centre-cropped/padded to it with 0)."""
+    check_scan_config(cfg)
     ops = []
     if cfg.volume_shape is not None:
-        ops.append(preprocess.resize_volume(tuple(cfg.volume_shape)))
+        if _scan(cfg, "target_spacing") is not None:
+            ops.append(preprocess.crop_or_pad(tuple(cfg.volume_shape), 0.0))
+        else:
+            ops.append(preprocess.resize_volume(tuple(cfg.volume_shape)))
     else:
         if cfg.pad_to_square:
             ops.append(preprocess.pad_to_square(0.0))
@@ -202,47 +254,110 @@ def image_ops(cfg, *, train: bool) -> Callable:
     return preprocess.compose(*ops)
 
 
-def to_unit_range(pixels: np.ndarray, modality: str | None, ct_window) -> np.ndarray:
+def is_hu(pixels: np.ndarray, modality: str | None) -> bool:
+    """Whether ``pixels`` are CT in Hounsfield units: modality "ct", not 8/16-bit unsigned
+    (PNG/JPEG), and not already in [0, 1] (a CT slice saved as an image)."""
+    if str(modality).lower() != "ct" or pixels.dtype in (np.uint8, np.uint16):
+        return False
+    finite = pixels[np.isfinite(pixels)] if np.issubdtype(pixels.dtype, np.floating) else pixels
+    return finite.size > 0 and not (0.0 <= float(finite.min()) and float(finite.max()) <= 1.0)
+
+
+def to_unit_range(pixels: np.ndarray, modality: str | None, ct_window, *, ct_windows=(),
+                  hu: bool | None = None, where: str | None = None) -> np.ndarray:
     """Maps pixels to float32 in [0, 1].
 
     Integers are divided by their dtype's maximum (uint8, uint16); CT in Hounsfield units
-    (int16, or floats outside [0, 1] with modality "ct") goes through ``ct_window``; other floats
-    already in [0, 1] (windowed DICOM, unit-range PNG) are kept, and the rest are min-max scaled.
+    (``hu``, by default :func:`is_hu`) goes through ``ct_window`` = (centre, width), or with
+    ``ct_windows`` through each window into one channel per window ([..., K]); other floats
+    already in [0, 1] (windowed DICOM, unit-range PNG) are kept, and the rest are min-max
+    scaled. A constant image outside [0, 1] (max == min: no contrast to stretch) becomes all
+    zeros. Non-finite values are an error (DataError naming ``where``): :func:`load_image`
+    applies ``data.nonfinite`` first.
     """
-    if pixels.dtype == np.uint8:
+    pixels = np.asarray(pixels)
+    if hu is None:
+        hu = is_hu(pixels, modality)
+    if pixels.dtype == np.uint8 and not hu:
         return pixels.astype(np.float32) / 255.0
-    if pixels.dtype == np.uint16:
+    if pixels.dtype == np.uint16 and not hu:
         return pixels.astype(np.float32) / 65535.0
+    preprocess.nonfinite(pixels, policy="error", where=where)
     x = pixels.astype(np.float32)
+    if hu:
+        if ct_windows:
+            return preprocess.ct_windows(tuple(ct_windows))(x, None)
+        return preprocess.ct_window(*ct_window)(x, None)
     lo, hi = float(x.min()), float(x.max())
     if 0.0 <= lo and hi <= 1.0:
         return x
-    if str(modality).lower() == "ct":
-        return preprocess.ct_window(*ct_window)(x, None)
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
 def read_file(path: str) -> readers.Image:
-    """Reads an image file: 8/16-bit PNG/JPEG scaled to [0, 1], DICOM windowed by its VOI
-    (so in [0, 1]), NIfTI in its stored units."""
-    if path.lower().endswith((".png", ".jpg", ".jpeg")):
+    """Reads an image file: 8/16-bit PNG/JPEG scaled to [0, 1]; DICOM CT (single file or
+    series directory) in Hounsfield units; other DICOM files windowed by their own VOI (so in
+    [0, 1]), other series in modality units; PALETTE COLOR DICOM as RGB in [0, 1]; NIfTI in
+    its stored units."""
+    kind = readers.image_kind(path)
+    if kind == "png":
         return readers.read_image(path, unit_range=True)
-    return readers.read_image(path)
+    if kind == "nifti":
+        return readers.read_image(path)
+    if kind == "series":
+        return readers.read_image(path, apply_voi=False, ct_in_hu=True)
+    return readers.read_image(path, apply_voi=True, ct_in_hu=True)
+
+
+def load_image(ref, cfg, *, modality: str | None = None, where: str | None = None
+               ) -> np.ndarray:
+    """One image of an example (a path, or an array) as float32 in [0, 1], by the data
+    section ``cfg`` — the one place scans are turned into model input intensities:
+
+    1. read (:func:`read_file`; ``modality`` applies when the file states none, e.g. NIfTI);
+    2. non-finite values: ``data.nonfinite`` "error" raises DataError naming the file and how
+       many values; "replace" puts ``data.nonfinite_value`` (in the units as read) there;
+    3. CT in Hounsfield units (:func:`is_hu`) is clipped to ``data.hu_clip``;
+    4. volumes are resampled to ``data.target_spacing`` (needs the reader's spacing);
+    5. :func:`to_unit_range` with ``data.ct_window`` or ``data.ct_windows``.
+    """
+    if isinstance(ref, str) or hasattr(ref, "__fspath__"):
+        where = str(ref)
+        img = read_file(str(ref))
+        pixels, spacing, modality = img.pixels, img.spacing, img.modality or modality
+    else:
+        pixels, spacing = np.asarray(ref), None
+    pixels = preprocess.nonfinite(pixels, policy=_scan(cfg, "nonfinite"),
+                                  value=float(_scan(cfg, "nonfinite_value")), where=where)
+    hu = is_hu(pixels, modality)
+    clip = _scan(cfg, "hu_clip")
+    if hu and clip is not None:
+        pixels = np.clip(pixels.astype(np.float32), float(clip[0]), float(clip[1]))
+    target = _scan(cfg, "target_spacing")
+    if spacing is not None:
+        volume = len(spacing) == 3
+    else:
+        volume = pixels.ndim == 4 or (pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4))
+    if target is not None and cfg.volume_shape is not None and volume:
+        if spacing is None or len(spacing) != 3:
+            raise DataError("data.target_spacing is set but the volume's voxel spacing is "
+                            "unknown (the file states none, or it is an array)", where=where,
+                            reason="no_spacing")
+        pixels, _ = preprocess.resample_to_spacing(pixels.astype(np.float32), spacing, target)
+    # The HU decision is the one made on the values as read (before clipping/resampling).
+    return to_unit_range(pixels, modality, cfg.ct_window, ct_windows=_scan(cfg, "ct_windows"),
+                         hu=hu, where=where)
 
 
 def decode_images(example: dict, cfg) -> list[np.ndarray]:
-    """Reads image paths and scales every image of ``example`` to [0, 1] float32."""
-    out = []
+    """Reads image paths and scales every image of ``example`` to [0, 1] float32
+    (:func:`load_image`)."""
     modality = example["meta"].get("modality")
-    for ref in example["images"]:
-        if isinstance(ref, str):
-            img = read_file(ref)
-            out.append(to_unit_range(img.pixels, img.modality or modality, cfg.ct_window))
-        else:
-            out.append(to_unit_range(np.asarray(ref), modality, cfg.ct_window))
+    out = [load_image(ref, cfg, modality=modality, where=example["id"])
+           for ref in example["images"]]
     want = 3 if cfg.volume_shape is not None else 2
     for arr in out:
-        rgb = arr.ndim == want + 1 and arr.shape[-1] == 3
+        rgb = arr.ndim == want + 1 and arr.shape[-1] in (3, cfg.channels)
         if arr.ndim != want and not rgb:
             raise DataError(f"image of shape {arr.shape} in a pipeline of "
                             f"{'volumes' if want == 3 else '2D images'}",

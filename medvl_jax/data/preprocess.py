@@ -144,6 +144,120 @@ def ct_window(center: float, width: float) -> Op:
     return apply
 
 
+def ct_windows(windows: Sequence[tuple[float, float]]) -> Op:
+    """HU → [0, 1] once per window (center, width), stacked as channels: [..., K] for K windows.
+
+    Each channel is :func:`ct_window` of its window (MedGemma-style packing of several CT
+    windows into the channels of one image).
+    """
+    ops = [ct_window(*_window_pair(w, "ct_windows")) for w in windows]
+    if not ops:
+        raise ValueError("ct_windows: needs at least one (center, width) window")
+
+    def apply(x: np.ndarray, rng=None) -> np.ndarray:
+        return np.stack([op(x, None) for op in ops], axis=-1)
+    return apply
+
+
+def _window_pair(w, op: str) -> tuple[float, float]:
+    try:
+        center, width = (float(v) for v in w)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: a window is (center, width), got {w!r}") from None
+    return center, width
+
+
+NONFINITE_POLICIES = ("error", "replace")
+
+
+def nonfinite(x: np.ndarray, *, policy: str = "error", value: float = 0.0,
+              where: str | None = None) -> np.ndarray:
+    """Applies the non-finite policy to ``x`` (NaN, +inf, -inf values).
+
+    ``policy="error"`` raises :class:`DataError` (reason ``nonfinite``) naming ``where`` and
+    how many values are not finite; ``"replace"`` puts ``value`` in their place. Integer
+    arrays and finite arrays are returned unchanged.
+    """
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        return x
+    bad = ~np.isfinite(x)
+    n = int(bad.sum())
+    if n == 0:
+        return x
+    if policy == "error":
+        raise DataError(f"{n} of {x.size} pixel values are not finite (NaN or inf); set "
+                        f"data.nonfinite='replace' (with data.nonfinite_value) to replace them",
+                        where=where, reason="nonfinite")
+    return np.where(bad, np.asarray(value, dtype=x.dtype), x)
+
+
+def _interp_matrix(n_in: int, pos: np.ndarray, width: float) -> np.ndarray:
+    """[len(pos), n_in] weights of a triangle kernel of half-width ``width`` (in input pixels)
+    centred at the input coordinates ``pos`` (clamped to [0, n_in - 1]), rows summing to 1.
+    ``width = 1`` is plain linear interpolation."""
+    pos = np.clip(np.asarray(pos, dtype=np.float64), 0.0, n_in - 1)
+    src = np.arange(n_in, dtype=np.float64)
+    w = np.clip(1.0 - np.abs(src[None, :] - pos[:, None]) / width, 0.0, None)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def resample_to_spacing(x: np.ndarray, spacing: Sequence[float], target: Sequence[float], *,
+                        antialias: bool = True) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Resamples a volume [D, H, W] or [D, H, W, C] with voxel ``spacing`` (z, y, x) mm to the
+    voxel spacing ``target`` (z, y, x) mm; returns (volume, target spacing).
+
+    Along each axis the output has ``round(n * spacing / target)`` voxels (at least 1) at
+    exactly ``target`` apart, centred on the input's field of view: output voxel i samples
+    input coordinate (n - 1) / 2 + (i - (m - 1) / 2) * target / spacing, clamped to the
+    volume. Linear interpolation; when a spacing grows (fewer voxels) and ``antialias``, the
+    triangle kernel is widened by the factor so every input voxel contributes.
+    """
+    x = _check(x, "resample_to_spacing", (3, 4))
+    spacing = tuple(float(s) for s in spacing)
+    target = tuple(float(t) for t in target)
+    if len(spacing) != 3 or len(target) != 3 or min(spacing + target) <= 0:
+        raise ValueError(f"resample_to_spacing: spacing and target must be 3 positive values "
+                         f"(z, y, x) mm, got {spacing} and {target}")
+    out = np.asarray(x, dtype=np.float64)
+    for axis, (s, t) in enumerate(zip(spacing, target)):
+        n = out.shape[axis]
+        m = max(1, int(round(n * s / t)))
+        if m == n and abs(s - t) < 1e-9 * t:
+            continue
+        step = t / s  # output step in input voxels
+        pos = (n - 1) / 2.0 + (np.arange(m, dtype=np.float64) - (m - 1) / 2.0) * step
+        width = step if antialias and step > 1.0 else 1.0
+        mat = _interp_matrix(n, pos, width)
+        out = np.moveaxis(np.tensordot(mat, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
+    return out.astype(np.float32), target
+
+
+def crop_or_pad(shape: Sequence[int], value: float = 0.0) -> Op:
+    """Centre-crops or pads (with ``value``) a volume [D, H, W] or [D, H, W, C] to
+    ``shape`` = (D, H, W); an odd voxel is cropped or padded at the end."""
+    target = tuple(int(s) for s in shape)
+    if len(target) != 3 or min(target) < 1:
+        raise ValueError(f"crop_or_pad: shape must be 3 positive ints, got {shape}")
+
+    def apply(x: np.ndarray, rng=None) -> np.ndarray:
+        x = _check(x, "crop_or_pad", (3, 4))
+        out = x.astype(np.float32)
+        for axis, m in enumerate(target):
+            n = out.shape[axis]
+            if n > m:
+                start = (n - m) // 2
+                out = np.take(out, np.arange(start, start + m), axis=axis)
+            elif n < m:
+                pad = [(0, 0)] * out.ndim
+                pad[axis] = ((m - n) // 2, m - n - (m - n) // 2)
+                out = np.pad(out, pad, constant_values=np.float32(value))
+        return out
+    return apply
+
+
 def resize(size: int | tuple[int, int]) -> Op:
     """Bilinear resize of the (H, W) plane to ``size`` (an int means square).
 

@@ -7,10 +7,15 @@ identifying metadata can never reach examples, logs or checkpoints.
 Failures raise :class:`~medvl_jax.data.errors.DataError` naming the file, with ``reason`` one of
 ``missing``, ``corrupt``, ``no_pixel_data``, ``unsupported_compression``, ``bad_dimensionality``,
 ``inconsistent_series`` or ``unsupported_format``. Nothing here unpickles.
+
+Readers return what the file holds (modality units, or a file's own display window when asked);
+choosing a CT window, the non-finite policy and resampling belong to the data pipeline
+(:func:`medvl_jax.data.pipeline.load_image`).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -50,33 +55,57 @@ def _require_file(path: PathLike) -> str:
 # Dispatch.
 # --------------------------------------------------------------------------------------------
 
-def read_image(path: PathLike, **kwargs) -> Image:
-    """Reads any supported image, choosing the reader by suffix, else by the file's magic bytes.
-
-    ``.png .jpg .jpeg`` → :func:`read_png`; ``.dcm .dicom`` → :func:`read_dicom`;
-    ``.nii .nii.gz`` → :func:`read_nifti`; a directory → :func:`read_dicom_series`. A file with
-    another suffix is read as DICOM when it has "DICM" at byte 128 (the DICOM preamble), or as
-    PNG/JPEG by their signatures. ``kwargs`` go to the chosen reader.
-    """
+def image_kind(path: PathLike) -> str:
+    """Which reader :func:`read_image` uses: "series" (a directory), "png", "dicom", "nifti",
+    or "unknown" (a file with another suffix and no PNG/JPEG signature and no "DICM" marker at
+    byte 128: it may still be a DICOM data set without the preamble)."""
     p = os.fspath(path)
     if os.path.isdir(p):
-        return read_dicom_series(p, **kwargs)
+        return "series"
     name = p.lower()
     if name.endswith((".png", ".jpg", ".jpeg")):
-        return read_png(p, **kwargs)
+        return "png"
     if name.endswith((".dcm", ".dicom")):
-        return read_dicom(p, **kwargs)
+        return "dicom"
     if name.endswith((".nii", ".nii.gz")):
-        return read_nifti(p, **kwargs)
+        return "nifti"
     p = _require_file(p)
     with open(p, "rb") as f:
         head = f.read(132)
     if head[128:132] == b"DICM":
-        return read_dicom(p, **kwargs)
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff"):
+        return "png"
+    return "unknown"
+
+
+def read_image(path: PathLike, **kwargs) -> Image:
+    """Reads any supported image, choosing the reader by suffix, else by the file's content.
+
+    ``.png .jpg .jpeg`` → :func:`read_png`; ``.dcm .dicom`` → :func:`read_dicom`;
+    ``.nii .nii.gz`` → :func:`read_nifti`; a directory → :func:`read_dicom_series`. A file with
+    another suffix is read as DICOM when it has "DICM" at byte 128 (the DICOM preamble), as
+    PNG/JPEG by their signatures, and otherwise as DICOM without the preamble if it parses as
+    one (see :func:`read_dicom`). ``kwargs`` go to the chosen reader.
+    """
+    kind = image_kind(path)
+    p = os.fspath(path)
+    if kind == "series":
+        return read_dicom_series(p, **kwargs)
+    if kind == "png":
         return read_png(p, **kwargs)
-    raise DataError("unknown image format (expected .png/.jpg/.jpeg/.dcm/.nii/.nii.gz or a "
-                    "DICOM file with the DICM preamble)", where=p, reason="unsupported_format")
+    if kind == "nifti":
+        return read_nifti(p, **kwargs)
+    if kind == "dicom":
+        return read_dicom(p, **kwargs)
+    try:
+        return read_dicom(p, **kwargs)
+    except DataError as e:
+        if e.reason != "corrupt":
+            raise
+        raise DataError("unknown image format: not .png/.jpg/.jpeg/.dcm/.nii/.nii.gz, no PNG or "
+                        "JPEG signature, and not a DICOM file", where=p,
+                        reason="unsupported_format") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +117,8 @@ def read_png(path: PathLike, *, unit_range: bool = False) -> Image:
 
     8-bit images give values 0..255 and 16-bit PNGs 0..65535, as float32; with ``unit_range``
     they are divided by their bit depth's maximum (255 or 65535) to lie in [0, 1]. Grayscale
-    stays [H, W]; colour, palette and CMYK become RGB [H, W, 3]; alpha is dropped. The JPEG EXIF orientation is applied. Spacing and modality are unknown.
+    stays [H, W]; colour, palette and CMYK become RGB [H, W, 3]; alpha is dropped. The JPEG
+    EXIF orientation is applied. Spacing and modality are unknown.
     """
     from PIL import Image as PILImage
     from PIL import ImageOps
@@ -126,20 +156,58 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _dcmread(path: PathLike):
+    """Parses a DICOM file: the standard file format (128-byte preamble, "DICM", file meta), or
+    a data set without the preamble (with or without "DICM" and the file meta group)."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     p = _require_file(path)
+    with open(p, "rb") as f:
+        head = f.read(132)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, force=False)
-    except InvalidDicomError as e:
-        raise DataError(f"not a DICOM file: {e}", where=p, reason="corrupt") from e
+            if head[128:132] == b"DICM":
+                ds = pydicom.dcmread(p)
+            elif head[:4] == b"DICM":  # Preamble stripped, file meta kept.
+                with open(p, "rb") as f:
+                    ds = pydicom.dcmread(io.BytesIO(bytes(128) + f.read()))
+            else:
+                ds = _dcmread_bare(p)
+    except DataError:
+        raise
     except Exception as e:  # pydicom raises many types on damaged files
         raise DataError(f"cannot parse DICOM file: {e}", where=p, reason="corrupt") from e
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise DataError("DICOM file has no pixel data", where=p, reason="no_pixel_data")
+    return ds
+
+
+def _dcmread_bare(p: str):
+    """A DICOM data set without the preamble (and possibly without file meta), accepted only
+    when it parses completely and holds an image (Rows, Columns, pixel data). The transfer
+    syntax, when the file does not state it, is the encoding pydicom detected (uncompressed:
+    implicit or explicit VR, little or big endian)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    not_dicom = ("not a DICOM file: no 'DICM' marker at byte 128, and the content does not "
+                 "parse as a DICOM data set holding an image")
+    try:
+        ds = pydicom.dcmread(p, force=True)
+        for _ in ds.iterall():  # Converts every element: garbage fails here.
+            pass
+    except Exception as e:
+        raise DataError(f"{not_dicom} ({e})", where=p, reason="corrupt") from e
+    if "Rows" not in ds or "Columns" not in ds or not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise DataError(not_dicom, where=p, reason="corrupt")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") is None:
+        implicit, little = ds.original_encoding
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     return ds
 
 
@@ -225,8 +293,20 @@ def _voi(values: np.ndarray, ds) -> np.ndarray:
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth),
                       str(ds.get("VOILUTFunction", "LINEAR")))
-    lo, hi = float(values.min()), float(values.max())
-    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    return min_max(values)
+
+
+def min_max(x: np.ndarray) -> np.ndarray:
+    """(x - min) / (max - min) over the finite values; non-finite values stay as they are (so a
+    later check still sees them) and a constant image (max == min) gives zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return x.copy()
+    lo, hi = float(x[finite].min()), float(x[finite].max())
+    if hi <= lo:
+        return np.where(finite, 0.0, x)
+    return (x - lo) / (hi - lo)
 
 
 def _stored_range(ds) -> tuple[int, int]:
@@ -268,19 +348,44 @@ def _spacing(ds, n_frames: int | None) -> tuple[float, ...] | None:
     return (thick, *pixel) if thick is not None else None
 
 
-def _decode(ds, p: str, apply_voi: bool) -> tuple[np.ndarray, int | None]:
+def _palette_rgb(raw: np.ndarray, ds, p: str) -> np.ndarray:
+    """PALETTE COLOR indices → RGB in [0, 1] through the file's red/green/blue palette LUTs
+    (PS3.3 C.7.6.3.1.5, plain or segmented), scaled by the entries' bit depth."""
+    try:
+        try:
+            from pydicom.pixels import apply_color_lut
+        except ImportError:  # pydicom < 3
+            from pydicom.pixel_data_handlers.util import apply_color_lut
+        rgb = np.asarray(apply_color_lut(raw, ds))
+    except Exception as e:
+        raise DataError(f"cannot apply the PALETTE COLOR lookup tables: {e}", where=p,
+                        reason="corrupt") from e
+    # Entries are 8 or 16 bits (the size the LUT data has in the file); alpha is dropped.
+    return rgb[..., :3].astype(np.float64) / float(np.iinfo(rgb.dtype).max)
+
+
+def _is_ct(ds) -> bool:
+    return str(ds.get("Modality", "") or "").upper() == "CT"
+
+
+def _decode(ds, p: str, apply_voi: bool, ct_in_hu: bool = False
+            ) -> tuple[np.ndarray, int | None]:
     """Decoded float32 pixels of one dataset and its frame count (None for one frame)."""
     raw = _raw_pixels(ds, p)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
-    if samples > 1:
+    if samples == 1 and photometric == "PALETTE COLOR":
+        out = _palette_rgb(raw, ds, p)
+    elif samples > 1:
         # Colour (pydicom converts YBR to RGB): scaled to [0, 1] by the stored bit depth.
         _, hi = _stored_range(ds)
         out = raw.astype(np.float64) / float(hi) if apply_voi else raw.astype(np.float64)
     else:
         values = _modality_lut(raw, ds)
-        if apply_voi:
+        if ct_in_hu and _is_ct(ds):
+            out = values  # Hounsfield units, as stored (MONOCHROME1 only changes the display).
+        elif apply_voi:
             out = _voi(values, ds)
             if photometric == "MONOCHROME1":
                 out = 1.0 - out
@@ -294,27 +399,35 @@ def _decode(ds, p: str, apply_voi: bool) -> tuple[np.ndarray, int | None]:
     return out.astype(np.float32), (n_frames if n_frames > 1 else None)
 
 
-def read_dicom(path: PathLike, *, apply_voi: bool = True) -> Image:
-    """Reads one DICOM file (single- or multi-frame).
+def read_dicom(path: PathLike, *, apply_voi: bool = True, ct_in_hu: bool = False) -> Image:
+    """Reads one DICOM file (single- or multi-frame), with or without the 128-byte preamble.
 
     Stored values go through the modality LUT (Modality LUT sequence, else RescaleSlope /
     RescaleIntercept), giving modality units (HU for CT). With ``apply_voi`` they then go through
     the VOI LUT sequence, else the WindowCenter/WindowWidth window (first value when several; the
-    VOILUTFunction is honoured), else a min–max stretch, to [0, 1]. MONOCHROME1 is inverted so
-    that high values are bright. Grayscale gives [H, W] or [F, H, W]; colour gives [H, W, 3] or
-    [F, H, W, 3], scaled to [0, 1] by bit depth when ``apply_voi``. Spacing is (row, col) from
-    PixelSpacing / ImagerPixelSpacing, with the frame spacing first for multi-frame files (or
-    None when unknown). Only pixels, spacing and modality are returned.
+    VOILUTFunction is honoured), else a min–max stretch (a constant image gives zeros), to
+    [0, 1]. MONOCHROME1 is inverted so that high values are bright. ``ct_in_hu``: a grayscale
+    CT (Modality CT) stays in Hounsfield units whatever ``apply_voi`` says (never windowed nor
+    inverted), so the data pipeline can apply its own CT window. Grayscale gives [H, W] or
+    [F, H, W]; colour gives [H, W, 3] or [F, H, W, 3], scaled to [0, 1] by bit depth when
+    ``apply_voi``; PALETTE COLOR is looked up in the file's palette to RGB in [0, 1] (either
+    way). Spacing is (row, col) from PixelSpacing / ImagerPixelSpacing, with the frame spacing
+    first for multi-frame files (or None when unknown). Only pixels, spacing and modality are
+    returned.
+
+    A file without the preamble (a bare data set, with or without the file meta group) is
+    accepted when it parses completely and holds an image; anything else is refused with
+    reason ``corrupt``.
     """
     p = os.fspath(path)
     ds = _dcmread(p)
-    pixels, n_frames = _decode(ds, p, apply_voi)
+    pixels, n_frames = _decode(ds, p, apply_voi, ct_in_hu)
     modality = str(ds.Modality) if ds.get("Modality") else None
     return Image(pixels=pixels, spacing=_spacing(ds, n_frames), modality=modality)
 
 
 def read_dicom_series(paths_or_dir: PathLike | Iterable[PathLike], *,
-                      apply_voi: bool = False) -> Image:
+                      apply_voi: bool = False, ct_in_hu: bool = False) -> Image:
     """Reads a series of single-frame DICOM slices into a [D, H, W] volume.
 
     ``paths_or_dir`` is a directory (every regular file in it is read) or a list of files.
@@ -323,8 +436,8 @@ def read_dicom_series(paths_or_dir: PathLike | Iterable[PathLike], *,
     lacks position/orientation they are ordered by InstanceNumber instead. The z spacing is
     the median distance between consecutive positions (SpacingBetweenSlices or SliceThickness
     in the fallback). By default values stay in modality units (HU for CT) so a window can be
-    chosen in preprocessing; ``apply_voi`` applies each slice's own window as in
-    :func:`read_dicom`.
+    chosen in preprocessing; ``apply_voi`` applies each slice's own window and ``ct_in_hu``
+    keeps CT in Hounsfield units (not inverted for MONOCHROME1), as in :func:`read_dicom`.
     """
     if isinstance(paths_or_dir, (str, os.PathLike)):
         d = os.fspath(paths_or_dir)
@@ -348,7 +461,7 @@ def read_dicom_series(paths_or_dir: PathLike | Iterable[PathLike], *,
     ordered, z_spacing = _order_slices(slices, where)
     arrays = []
     for q, ds in ordered:
-        arr, _ = _decode(ds, q, apply_voi)
+        arr, _ = _decode(ds, q, apply_voi, ct_in_hu)
         if arr.ndim != 2:
             raise DataError(f"series slice has shape {arr.shape}, expected 2D grayscale", where=q,
                             reason="inconsistent_series")

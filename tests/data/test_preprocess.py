@@ -189,3 +189,41 @@ def test_augment_volume_same_transform_per_slice():
     np.testing.assert_array_equal(out[0], out[2])
     with pytest.raises(DataError, match="augment_volume"):
         aug(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0))
+
+
+def test_ct_windows_stack_one_channel_per_window():
+    hu = np.array([[-1024, -160, 40, 240, 3000]], np.int16)
+    out = pp.ct_windows([(40, 400), (-600, 1500)])(hu, None)
+    assert out.shape == (1, 5, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], [[0.0, 0.0, 0.5, 1.0, 1.0]], atol=1e-7)
+    np.testing.assert_allclose(out[..., 1], np.clip((hu + 1350.0) / 1500.0, 0, 1), atol=1e-7)
+    with pytest.raises(ValueError):
+        pp.ct_windows([(40, 400, 1)])
+
+
+def test_nonfinite_policy():
+    x = np.array([[1.0, np.nan], [np.inf, -np.inf]], np.float32)
+    with pytest.raises(DataError) as e:
+        pp.nonfinite(x, where="scan.nii")
+    assert e.value.reason == "nonfinite" and "scan.nii" in str(e.value) and "3 of 4" in str(e.value)
+    np.testing.assert_array_equal(pp.nonfinite(x, policy="replace", value=-5.0),
+                                  [[1.0, -5.0], [-5.0, -5.0]])
+    ints = np.array([1, 2], np.int16)
+    assert pp.nonfinite(ints) is ints
+
+
+def test_resample_to_spacing_identity_and_torch_upsampling():
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    same, sp = pp.resample_to_spacing(vol, (2.0, 1.0, 1.0), (2.0, 1.0, 1.0))
+    np.testing.assert_array_equal(same, vol)
+    assert sp == (2.0, 1.0, 1.0)
+    # Doubling every axis (spacing halved): the grid matches align_corners=False exactly.
+    up, _ = pp.resample_to_spacing(vol, (2.0, 1.0, 1.0), (1.0, 0.5, 0.5))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(vol)[None, None], size=(8, 10, 12),
+                                          mode="trilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(up, ref, atol=1e-5)
+    # Channels ride along.
+    rgb, _ = pp.resample_to_spacing(np.stack([vol, 2 * vol], -1), (2.0, 1.0, 1.0),
+                                    (1.0, 0.5, 0.5))
+    np.testing.assert_allclose(rgb[..., 1], 2 * up, atol=1e-5)
