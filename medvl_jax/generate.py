@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import jax
 import numpy as np
 
+from medvl_jax import cli_errors
 from medvl_jax.convert import checkpoint_io
 from medvl_jax.data.errors import DataError
 from medvl_jax.models.from_config import num_image_tokens
@@ -159,8 +161,10 @@ def run(checkpoint: str, prompt: str, images: list[str] = (), *, max_new_tokens:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+@cli_errors.handle_errors
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point; a user error (bad flag value, missing or unsupported
+    checkpoint, unreadable image) is one ``error:`` line with exit code 2."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--prompt", required=True)
@@ -173,14 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modality", default=None,
                     help="what files without a modality (NIfTI) hold, e.g. ct (Hounsfield "
                          "units, windowed as in training); default: min-max scaled")
+    cli_errors.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        text = run(args.checkpoint, args.prompt, args.image, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, modality=args.modality)
-    except (checkpoint_io.CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for flag, ok, allowed in (
+            ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+            ("temperature", math.isfinite(args.temperature) and args.temperature >= 0,
+             "a finite number >= 0 (0: greedy)"),
+            ("top_k", args.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("top_p", 0 < args.top_p <= 1, "in (0, 1] (1: off)")):
+        if not ok:
+            raise cli_errors.UserError(f"--{flag}={getattr(args, flag)}: must be {allowed}")
+    for path in args.image:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--image {path}: no such file")
+    text = run(args.checkpoint, args.prompt, args.image, max_new_tokens=args.max_new_tokens,
+               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=args.seed, modality=args.modality)
     print(text)
     return 0
 

@@ -35,6 +35,9 @@ A model that does not generate text (contrastive, classify, MAE), or any model w
 ``--evals``, is evaluated by the config's declared evaluators (``config.evals``, see
 :mod:`medvl_jax.evaluate.evaluators`: zero-shot, retrieval, classification, linear probe)
 on ``--split``; their tables are printed and written to ``<out>/evals_<split>.json``.
+
+A wrong flag, config, checkpoint or benchmark name is reported as one ``error:`` line with exit
+code 2 (``--verbose`` adds the traceback; :mod:`medvl_jax.cli_errors`).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import sys
 
 import ml_collections
 
+from medvl_jax import cli_errors
 from medvl_jax import config as config_lib
 from medvl_jax.evaluate import baselines as baselines_lib
 from medvl_jax.evaluate import evaluators as evaluators_lib
@@ -98,8 +102,8 @@ def load(config: ml_collections.ConfigDict, directory: str):
     if saved.get("model") is not None and config.get("model"):
         diff = _first_difference(config.model.to_dict(), saved["model"], "model.")
         if diff:
-            raise ValueError(f"--checkpoint {directory} (step {ckpt.step}) was trained with "
-                             f"another model: {diff}")
+            raise cli_errors.UserError(f"--checkpoint {directory} (step {ckpt.step}) was "
+                                       f"trained with another model: {diff}")
     from medvl_jax.parallel import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh(dict(config.train.mesh))
@@ -170,17 +174,19 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
     out = os.path.abspath(out or directory)
     if declared or "text" not in task.outputs:
         if named or benchmark != "medsynth":
-            raise ValueError(f"task {task.name!r} does not generate text: --benchmark and "
-                             f"--protocol apply to tasks whose model answers (sft, dpo, grpo); "
-                             f"its evaluators are the config's evals")
+            raise cli_errors.UserError(
+                f"task {task.name!r} does not generate text: --benchmark and --protocol apply "
+                f"to tasks whose model answers (sft, dpo, grpo); its evaluators are the "
+                f"config's evals")
         return _evaluate_declared(config, task, params, split, out, checkpoint=directory,
                                   step=step)
     summary_name, rows_name, chart_name = _files(benchmark, split)
     examples = harness.load_examples(benchmark, config, split, data_dir, limit, studies)
     if not examples:
-        raise ValueError(f"nothing to evaluate on {benchmark!r} {split!r}: the config has no "
-                         f"MedSynth source" if benchmark.startswith("medsynth") else
-                         f"benchmark {benchmark!r} has no {split!r} examples")
+        raise cli_errors.UserError(
+            f"nothing to evaluate on {benchmark!r} {split!r}: the config has no MedSynth "
+            f"source" if benchmark.startswith("medsynth") else
+            f"benchmark {benchmark!r} has no {split!r} examples")
     show, close = _progress(f"{benchmark} {split}")
     try:
         results = harness.evaluate(task, task.model_params(params), examples, plist,
@@ -216,7 +222,7 @@ def _evaluate_declared(config, task, params, split, out, *, checkpoint, step) ->
         e = e.to_dict() if hasattr(e, "to_dict") else dict(e)
         entries[name] = {**e, "split": split}
     if not entries:
-        raise ValueError(f"the config declares no evaluators (config.evals) to run on "
+        raise cli_errors.UserError(f"the config declares no evaluators (config.evals) to run on "
                          f"{checkpoint}")
     evals = evaluators_lib.build(_with(config, evals=entries), task)
     results = {name: ev(params) for name, ev in evals.items()}
@@ -231,10 +237,24 @@ def _evaluate_declared(config, task, params, split, out, *, checkpoint, step) ->
             "step": step}
 
 
+def _check_flags(args) -> None:
+    """Names and numbers of the command line, checked before anything is loaded."""
+    protocols_lib.parse_list(args.protocol if args.protocol is not None else
+                             protocols_lib.default_for(args.benchmark))
+    baselines_lib.parse_list(args.baselines)
+    harness.check_benchmark(args.benchmark)
+    for flag in ("limit", "studies", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise cli_errors.UserError(f"--{flag}={value}: must be at least 1")
+
+
+@cli_errors.handle_errors
 def main(argv=None) -> int:
-    """Command-line entry point (see the module docstring); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    overrides, rest = config_lib.parse_overrides(argv)
+    """Command-line entry point (see the module docstring); returns the exit code (2: a user
+    error, reported on one line)."""
+    with cli_errors.user_input():
+        overrides, rest = config_lib.parse_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m medvl_jax.evaluate",
                                 description="Evaluate a trained or converted checkpoint under "
                                             "named, versioned protocols.")
@@ -264,21 +284,20 @@ def main(argv=None) -> int:
     p.add_argument("--evals", action="store_true",
                    help="run the config's declared evaluators (config.evals) instead of a "
                         "benchmark (always, for a model that does not generate text)")
+    cli_errors.add_verbose_flag(p)
     args = p.parse_args(rest)
-    try:
+    with cli_errors.user_input():
+        _check_flags(args)
         if args.config:
             config = run.load(args.config, overrides)
         else:
             config = config_from_checkpoint(args.checkpoint, overrides)
             run.validate(config)
-        results = evaluate(config, args.checkpoint, split=args.split, out=args.out,
-                           benchmark=args.benchmark, protocols=args.protocol,
-                           baselines=args.baselines, data_dir=args.data_dir, limit=args.limit,
-                           studies=args.studies, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, declared=args.evals)
-    except (FileNotFoundError, ValueError, KeyError, restore.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    results = evaluate(config, args.checkpoint, split=args.split, out=args.out,
+                       benchmark=args.benchmark, protocols=args.protocol,
+                       baselines=args.baselines, data_dir=args.data_dir, limit=args.limit,
+                       studies=args.studies, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, declared=args.evals)
     out = results["out"]
     if "evals" in results:
         for table in results["tables"].values():

@@ -47,8 +47,9 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on an unknown task (listing the known ones), unknown keys
-    at the top level and inside the data, optim, train, lora and task sections, and malformed
-    evaluator entries."""
+    at the top level and inside the data, optim, train, lora and task sections, values of the
+    wrong type in those sections (:func:`medvl_jax.config.check_types`), values out of range
+    or not finite (:func:`medvl_jax.config.check_values`), and malformed evaluator entries."""
     from medvl_jax.evaluate import evaluators
 
     task = tasks.get(config.get("task"))
@@ -64,6 +65,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       (section, task.default_config())):
         if name in config:
             loop.validate_config(config[name], ref, prefix=name + ".", open_keys=open_keys)
+            config_lib.check_types(config[name], ref, prefix=name + ".", open_keys=open_keys)
+    config_lib.check_values(config)
     if "lora" in config:
         lora.check_config(config.lora)
     for name, e in dict(config.get("evals") or {}).items():
