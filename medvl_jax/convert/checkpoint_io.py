@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medvl_jax.cli_errors import UserError
 from medvl_jax.convert import decoders as dec
+from medvl_jax.convert import hf_io
 from medvl_jax.convert import text as text_conv
 from medvl_jax.convert import vlm as vlm_conv
 from medvl_jax.models.decoder import Decoder, DecoderConfig
@@ -41,8 +43,9 @@ _DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfl
                 jnp.dtype(jnp.float16): "float16"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files or describes something unsupported."""
+class CheckpointError(UserError):
+    """A checkpoint directory is missing files or describes something unsupported (a user
+    error: the command lines report it on one line)."""
 
 
 # The family of a VLM trained here whose layout has no Hugging Face counterpart (it generates
@@ -132,8 +135,7 @@ def read_meta(directory: str) -> dict:
     path = os.path.join(directory, META_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a medvl_jax checkpoint (no {META_FILE})")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = hf_io.read_json_file(path)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(f"{path}: schema_version {meta.get('schema_version')!r} is not "
                               f"{SCHEMA_VERSION}")
@@ -151,13 +153,18 @@ def load_checkpoint(directory: str):
     """
     directory = os.path.abspath(directory)
     meta = read_meta(directory)
-    config = config_from_dict(meta["family"], meta["model_config"])
+    with hf_io.config_errors(directory, META_FILE):
+        config = config_from_dict(meta["family"], meta["model_config"])
     target = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(target):
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory with the weights")
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(config))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(target, abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(target, abstract)
+    except (ValueError, TypeError, KeyError) as e:  # Orbax: a leaf missing or mis-shaped.
+        raise CheckpointError(f"{target}: the weights do not match {META_FILE}'s model "
+                              f"({type(e).__name__}: {e})") from e
     return model_for(config), params, meta
 
 

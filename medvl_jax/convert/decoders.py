@@ -254,7 +254,8 @@ def load_hf_decoder(model_dir: str, **overrides: Any) -> tuple[DecoderConfig, di
 
     ``overrides`` go to :func:`decoder_config_from_hf` (``scan_layers=True`` stacks layers).
     """
-    config = decoder_config_from_hf(hf_io.read_json(model_dir), **overrides)
+    with hf_io.config_errors(model_dir):
+        config = decoder_config_from_hf(hf_io.read_json(model_dir), **overrides)
     params = hf_to_ours(hf_io.iter_checkpoint(model_dir), decoder_mapping(config),
                         param_shapes(config), scanned=config.scan_layers, where=model_dir)
     return config, params

@@ -18,8 +18,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from medvl_jax.cli_errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
     """A checkpoint does not fit the target model: lists missing, unexpected, mis-shaped keys."""
 
     def __init__(self, *, missing=(), unexpected=(), misshaped=(), where: str = ""):

@@ -269,15 +269,17 @@ def load_hf_text(model_dir: str, **overrides: Any) -> tuple[str, TextOrTwoTower,
     arch = _hf_arch(hf, model_dir)
     family = ARCHITECTURES[arch]
     tensors: Iterable = hf_io.iter_checkpoint(model_dir)
-    if family == "SiglipModel":
-        config: TextOrTwoTower = siglip_config_from_hf(hf, **overrides)
-    elif family == "SiglipTextModel":
-        config = siglip_text_config_from_hf(hf, **overrides)
-        tensors = _strip(tensors, "text_model.")
-    else:
-        names = {re.sub(r"^bert\.", "", n) for n, _ in hf_io.iter_checkpoint(model_dir)}
-        config = bert_config_from_hf(hf, pooler="pooler.dense.weight" in names, **overrides)
-        tensors = _bert_names(tensors, drop_heads=arch != "BertModel")
+    with hf_io.config_errors(model_dir):
+        if family == "SiglipModel":
+            config: TextOrTwoTower = siglip_config_from_hf(hf, **overrides)
+        elif family == "SiglipTextModel":
+            config = siglip_text_config_from_hf(hf, **overrides)
+            tensors = _strip(tensors, "text_model.")
+        else:
+            names = {re.sub(r"^bert\.", "", n) for n, _ in hf_io.iter_checkpoint(model_dir)}
+            config = bert_config_from_hf(hf, pooler="pooler.dense.weight" in names,
+                                         **overrides)
+            tensors = _bert_names(tensors, drop_heads=arch != "BertModel")
     params = hf_to_ours(tensors, mapping_for(config), param_shapes(config),
                         scanned=_scanned(config), where=model_dir)
     return family, config, params

@@ -3,7 +3,9 @@
     python -m medvl_jax.convert.to_hf --checkpoint DIR --out DIR [--dtype bfloat16]
         [--max_shard_gb 5]
 
-DIR is a converted checkpoint or a training workdir (its newest step; LoRA merged).
+DIR is a converted checkpoint or a training workdir (its newest step; LoRA merged). A missing
+or corrupt checkpoint, or a model without a Hugging Face counterpart, is reported as one
+``error:`` line with exit code 2 (``--verbose`` adds the traceback).
 
 Writes safetensors (sharded with an index when larger than ``--max_shard_gb``), config.json
 (the original HF config stored in the checkpoint, else one built from our config),
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import ml_dtypes
 import numpy as np
 
+from medvl_jax import cli_errors
 from medvl_jax.convert import checkpoint_io, hf_io
 from medvl_jax.convert import decoders as dec
 from medvl_jax.convert import text as text_conv
@@ -66,21 +70,22 @@ def export(checkpoint: str, out_dir: str, *, dtype: str | None = None,
             json.dump(gen, f, indent=2)
 
 
+@cli_errors.handle_errors
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point; returns the exit code (2: a user error, on one line)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="medvl_jax checkpoint directory")
     ap.add_argument("--out", required=True, help="output Hugging Face directory")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                     help="cast tensors on export (default: keep)")
     ap.add_argument("--max_shard_gb", type=float, default=5.0)
+    cli_errors.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        export(args.checkpoint, args.out, dtype=args.dtype,
-               max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (checkpoint_io.CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise cli_errors.UserError(f"--max_shard_gb={args.max_shard_gb}: must be a finite "
+                                   f"number > 0")
+    export(args.checkpoint, args.out, dtype=args.dtype,
+           max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote Hugging Face checkpoint to {args.out}")
     return 0
 

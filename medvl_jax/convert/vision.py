@@ -16,11 +16,15 @@ from medvl_jax.models.vision import VisionConfig, VisionEncoder
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
 _ACTS_BACK = {v: k for k, v in _ACTS.items()}
 ARCHITECTURES = {"SiglipVisionModel": "siglip", "CLIPVisionModel": "clip"}
+MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")  # A missing one reads as SigLIP.
 
 
 def vision_config_from_hf(hf: dict, **overrides: Any) -> VisionConfig:
     """Builds a :class:`VisionConfig` from an HF SigLIP/CLIP vision config dict."""
     mt = hf.get("model_type", "")
+    if mt and mt not in MODEL_TYPES:
+        raise ValueError(f"unsupported vision model_type {mt!r}; supported: "
+                         f"{', '.join(MODEL_TYPES)}")
     layout = "clip" if mt.startswith("clip") else "siglip"
     act = hf.get("hidden_act", "gelu_pytorch_tanh" if layout == "siglip" else "quick_gelu")
     if act not in _ACTS:
@@ -111,7 +115,8 @@ def _strip(tensors, prefix: str):
 
 def load_hf_vision(model_dir: str, **overrides: Any) -> tuple[VisionConfig, dict]:
     """Loads a SiglipVisionModel/CLIPVisionModel dir (with or without "vision_model.")."""
-    config = vision_config_from_hf(hf_io.read_json(model_dir), **overrides)
+    with hf_io.config_errors(model_dir):
+        config = vision_config_from_hf(hf_io.read_json(model_dir), **overrides)
     tensors = _strip(hf_io.iter_checkpoint(model_dir), "vision_model.")
     params = hf_to_ours(tensors, vision_mapping(config), vision_param_shapes(config),
                         scanned=config.scan_layers, where=model_dir)

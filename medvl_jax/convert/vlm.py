@@ -43,6 +43,9 @@ def vlm_config_from_hf(hf: dict, **text_overrides: Any) -> VLMConfig:
     """Builds a :class:`VLMConfig` from an HF config dict; overrides go to the decoder config."""
     fam = vlm_family(hf)
     text = dict(hf["text_config"])
+    if text.get("model_type") not in _TEXT_ARCH:
+        raise ValueError(f"unsupported text_config.model_type {text.get('model_type')!r}; "
+                         f"supported: {', '.join(sorted(_TEXT_ARCH))}")
     text["architectures"] = [_TEXT_ARCH[text["model_type"]]]
     if fam == "paligemma":
         text.pop("use_bidirectional_attention", None)  # the prefix mask comes from mask_ar
@@ -153,7 +156,8 @@ def vlm_param_shapes(c: VLMConfig) -> dict:
 def load_hf_vlm(model_dir: str, **text_overrides: Any) -> tuple[VLMConfig, dict]:
     """Loads an HF PaliGemma/LLaVA/Gemma 3 checkpoint dir: ``(config, params)``."""
     hf = hf_io.read_json(model_dir)
-    config = vlm_config_from_hf(hf, **text_overrides)
+    with hf_io.config_errors(model_dir):
+        config = vlm_config_from_hf(hf, **text_overrides)
     params = hf_to_ours(normalise_names(hf_io.iter_checkpoint(model_dir)),
                         vlm_mapping(config, vlm_family(hf)), vlm_param_shapes(config),
                         scanned=config.text.scan_layers, where=model_dir)
