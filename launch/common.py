@@ -8,6 +8,10 @@ import sys
 from typing import Sequence
 
 DEFAULT_MODULE = "medvl_jax.train"
+# The trainer's exit status after a SIGTERM (medvl_jax.train.guards.PREEMPTED_EXIT_CODE; not
+# imported, the launchers run without jax): the run saved (or kept its newest checkpoint) and
+# wants to be started again.
+PREEMPTED_EXIT_CODE = 75
 
 
 def split_argv(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:

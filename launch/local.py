@@ -11,9 +11,11 @@ the processes talk through gloo, so a real multi-process job runs on a laptop; w
 ``--platform gpu`` each process gets its own ``--devices_per_process`` GPUs.
 
 Output lines are prefixed with the process id. When a process fails the others are killed
-and the launcher exits with the failed process's code. SIGINT/SIGTERM to the launcher is
-passed on to every process as SIGTERM (the trainer saves a checkpoint at the next step and
-stops); processes still running ``--grace_s`` seconds later are killed.
+and the launcher exits with the failed process's code; a process that exits with 75
+(preempted, saved) is not a failure: the others finish their save and the launcher exits
+with 75. SIGINT/SIGTERM to the launcher is passed on to every process as SIGTERM (the trainer
+saves a checkpoint at the next step and stops, status 75); processes still running
+``--grace_s`` seconds later are killed.
 
 ``--dry_run`` prints one command line per process (environment assignments first) and starts
 nothing.
@@ -146,7 +148,9 @@ def run_processes(cmd: Sequence[str], envs: Sequence[Mapping[str, str]], *,
         deadline = None
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            # 75: preempted after saving; the others are saving too, not to be killed.
+            failed = [(r, c) for r, c in enumerate(codes)
+                      if c not in (None, 0, common.PREEMPTED_EXIT_CODE)]
             if failed and stop["signal"] is None:
                 rank, code = failed[0]
                 running = [r for r, c in enumerate(codes) if c is None]
@@ -161,7 +165,7 @@ def run_processes(cmd: Sequence[str], envs: Sequence[Mapping[str, str]], *,
             if all(c is not None for c in codes):
                 if stop["signal"] is not None:
                     return next((c for c in codes if c), 128 + stop["signal"])
-                return 0
+                return next((c for c in codes if c), 0)
             if stop["signal"] is not None:
                 deadline = deadline or time.monotonic() + grace_s
                 if time.monotonic() > deadline:

@@ -18,6 +18,11 @@ In the job step the trainer finds ``SLURM_STEP_NODELIST``/``SLURM_PROCID``/... a
 derived from the job id), the process count and this process's id from SLURM. The workdir
 must be on a file system every node sees: all processes write one checkpoint together.
 
+Preemption and time limits: the job is requeueable (``--requeue``), and with ``--time`` SLURM
+sends the trainer SIGTERM ``--signal_s`` seconds before the limit; the trainer then saves and
+exits with status 75, on which the script requeues the job (``scontrol requeue``), so it
+resumes from that checkpoint. ``--no-requeue`` leaves both out.
+
 ``--dry_run`` prints the script and the ``sbatch`` command instead of writing/submitting.
 """
 from __future__ import annotations
@@ -38,7 +43,8 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, processes: str, train_cmd: 
                   partition: str | None = None, account: str | None = None,
                   cpus_per_task: int | None = None, output: str | None = None,
                   exclusive: bool = False, sbatch_args: Sequence[str] = (),
-                  setup: Sequence[str] = (), env: Sequence[str] = ()) -> str:
+                  setup: Sequence[str] = (), env: Sequence[str] = (), requeue: bool = True,
+                  signal_s: int = 120) -> str:
     """The text of the sbatch script (see the module docstring)."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes and gpus_per_node must be >= 1, got {nodes}, {gpus_per_node}")
@@ -59,6 +65,10 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, processes: str, train_cmd: 
         head.append(f"--account={account}")
     if exclusive:
         head.append("--exclusive")
+    if requeue:
+        head.append("--requeue")
+        if time and signal_s > 0:
+            head.append(f"--signal=TERM@{signal_s}")
     head.append(f"--output={output or job_name + '-%j.out'}")
     for a in sbatch_args:
         if not a.startswith("--"):
@@ -80,7 +90,16 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, processes: str, train_cmd: 
     srun = ["srun", "--kill-on-bad-exit=1"]
     if cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05).
         srun.append(f"--cpus-per-task={cpus_per_task}")
-    lines += ["", common.join([*srun, *train_cmd])]
+    if not requeue:
+        lines += ["", common.join([*srun, *train_cmd])]
+        return "\n".join(lines) + "\n"
+    code = common.PREEMPTED_EXIT_CODE
+    lines += ["", common.join([*srun, *train_cmd]) + " && status=0 || status=$?",
+              f"if [ \"$status\" -eq {code} ]; then  # Preempted: saved, start again.",
+              f'  echo "exit status {code}: requeueing job $SLURM_JOB_ID"',
+              '  scontrol requeue "$SLURM_JOB_ID"',
+              "fi",
+              'exit "$status"']
     return "\n".join(lines) + "\n"
 
 
@@ -101,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus_per_task", type=int, default=None)
     p.add_argument("--output", default=None, help="log file pattern (default JOB_NAME-%%j.out)")
     p.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
+                   help="requeue the job when the trainer exits with status 75 (preempted, "
+                        "saved); default on")
+    p.add_argument("--signal_s", type=int, default=120,
+                   help="with --time: SIGTERM the trainer this many seconds before the limit, "
+                        "so it saves and is requeued (0: no signal)")
     p.add_argument("--sbatch_arg", action="append", default=[],
                    help="an extra #SBATCH line, e.g. --sbatch_arg=--qos=high (repeatable)")
     p.add_argument("--setup", action="append", default=[],
@@ -128,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chdir=os.path.abspath(args.chdir), job_name=args.job_name, time=args.time,
             partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
             output=args.output, exclusive=args.exclusive, sbatch_args=args.sbatch_arg,
-            setup=args.setup, env=args.env)
+            setup=args.setup, env=args.env, requeue=args.requeue, signal_s=args.signal_s)
     except ValueError as e:
         parser.error(str(e))
     path = args.script or f"{args.job_name}.sbatch"

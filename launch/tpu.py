@@ -18,6 +18,8 @@ Steps (``--steps``, comma-separated, in this order; default ``create,copy,instal
   with ``MEDVL_JAX_DISTRIBUTED=1``, so each process calls ``jax.distributed.initialize()``
   and JAX finds its peers from the TPU metadata. ``--detach`` leaves it running in the
   background (output in ``~/medvl_jax_train.log`` on each worker).
+  With ``--requeue N`` a run that exits with status 75 (the trainer saved after a SIGTERM,
+  e.g. a maintenance event) is started again, up to N times; it resumes from its checkpoint.
 * ``delete``: deletes the TPU (or the queued resource and its TPU).
 
 The workdir must be a path every worker sees (a shared file system): all workers write one
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default=common.DEFAULT_MODULE, help="python -m MODULE to run")
     p.add_argument("--detach", action="store_true",
                    help=f"leave the run in the background (log: ~/{REMOTE_LOG} per worker)")
+    p.add_argument("--requeue", type=int, default=0,
+                   help="start the run again (up to this many times) when it exits with "
+                        "status 75, preempted after saving")
     p.add_argument("--poll_s", type=float, default=30.0, help="queued resource polling period")
     p.add_argument("--wait_timeout_s", type=float, default=24 * 3600.0,
                    help="give up waiting for a queued resource after this long")
@@ -245,8 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("# install on every worker")
             run(cmds.ssh_all(install_command(args.install)))
         if "run" in steps:
-            print("# run on every worker")
-            run(cmds.ssh_all(run_command(args.module, train_args, detach=args.detach)))
+            command = cmds.ssh_all(run_command(args.module, train_args, detach=args.detach))
+            for attempt in range(args.requeue + 1):
+                print("# run on every worker" + (f" (requeue {attempt})" if attempt else ""))
+                try:
+                    run(command)
+                    break
+                except subprocess.CalledProcessError as e:
+                    if e.returncode != common.PREEMPTED_EXIT_CODE or attempt == args.requeue:
+                        raise
+                    print(f"# preempted (exit code {e.returncode}): starting the run again")
         if "delete" in steps:
             print("# delete")
             run(cmds.delete_queued() if args.queued else cmds.delete())

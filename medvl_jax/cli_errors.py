@@ -9,7 +9,8 @@ A *user error* is bad input that the person at the command line can fix:
   ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``, ``FileExistsError``);
 * a corrupt, unsupported or wrong-shaped checkpoint (``convert.checkpoint_io.CheckpointError``,
   ``convert.mapping.ConversionError``, both :class:`UserError`);
-* a bad data record or image (:class:`medvl_jax.data.errors.DataError`).
+* a bad data record or image (:class:`medvl_jax.data.errors.DataError`), too many of them
+  (``TooManyBadRecords``) or a pipeline that gives nothing (``DataStall``).
 
 A CLI's ``main`` decorated with :func:`handle_errors` prints such an error as one
 ``error: <message>`` line on stderr and returns exit code 2 (what argparse returns for a bad
@@ -24,7 +25,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from medvl_jax.data.errors import DataError
+from medvl_jax.data.errors import DataError, DataStall, TooManyBadRecords
 
 USER_ERROR_EXIT = 2
 VERBOSE_FLAG = "--verbose"
@@ -37,7 +38,7 @@ class UserError(ValueError):
 # OS errors about a path the user named.
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                 FileExistsError)
-USER_ERRORS = (UserError, DataError) + _PATH_ERRORS
+USER_ERRORS = (UserError, DataError, TooManyBadRecords, DataStall) + _PATH_ERRORS
 
 
 def message(err: BaseException) -> str:

@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from medvl_jax.data import pipeline
-from medvl_jax.data.errors import DataError, SkipCounter
+from medvl_jax.data import pipeline, sources
+from medvl_jax.data.errors import DataError, SkipCounter, guarded
 
 # --------------------------------------------------------------------------------------------
 # Text: sentences of a report, label captions.
@@ -126,7 +126,8 @@ class JsonlPairs:
     name}``). Paths are relative to ``image_root`` (default: the file's directory). Every line
     is checked when the source is built; a bad one raises DataError naming file:line."""
 
-    def __init__(self, path: str, image_root: str | None = None, *, labels: bool = False):
+    def __init__(self, path: str, image_root: str | None = None, *, labels: bool = False,
+                 allow_outside_root: bool = False):
         if not os.path.exists(path):
             raise DataError("file not found", where=path, reason="missing")
         self.path = path
@@ -148,7 +149,9 @@ class JsonlPairs:
                 if not isinstance(image, str) or not image:
                     raise DataError('no "image" (a path) in the pair', where=where,
                                     reason="bad_record")
-                out = {"id": str(rec.get("id", where)), "image": os.path.join(root, image),
+                out = {"id": str(rec.get("id", where)), "where": where,
+                       "image": sources.image_path(root, image, where,
+                                                   allow_outside=allow_outside_root),
                        "modality": rec.get("modality")}
                 if labels:
                     lab = rec.get("labels", rec.get("label"))
@@ -183,8 +186,8 @@ class PairSource:
 _FIELDS = {
     "medsynth": {"kind", "weight", "medsynth_kind", "num_studies", "render_size",
                  "volume_shape", "seed", "question_types"},
-    "pairs": {"kind", "weight", "path", "image_root"},
-    "labels": {"kind", "weight", "path", "image_root"},
+    "pairs": {"kind", "weight", "path", "image_root", "allow_outside_root"},
+    "labels": {"kind", "weight", "path", "image_root", "allow_outside_root"},
 }
 
 
@@ -227,17 +230,20 @@ def build_source(name: str, spec: Mapping, split: str, sentences: int, *,
                              f"classification needs labels: a medsynth or labels source")
         if kind == "medsynth":
             return PairSource(name, medsynth_records(spec, split), medsynth_label_pair, weight)
-        src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True)
+        src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True,
+                         allow_outside_root=bool(spec.get("allow_outside_root")))
         return PairSource(name, src, lambda r, rng: r, weight)
     if kind == "medsynth":
         src = medsynth_records(spec, split)
         return PairSource(name, src, lambda r, rng: medsynth_pair(r, rng, sentences=sentences),
                           weight)
+    outside = bool(spec.get("allow_outside_root"))
     if kind == "pairs":
-        src = JsonlPairs(spec["path"], spec.get("image_root"))
+        src = JsonlPairs(spec["path"], spec.get("image_root"), allow_outside_root=outside)
         return PairSource(name, src, lambda r, rng: {
             **r, "text": sample_text(r["text"], rng, sentences)}, weight)
-    src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True)
+    src = JsonlPairs(spec["path"], spec.get("image_root"), labels=True,
+                     allow_outside_root=outside)
     return PairSource(name, src, lambda r, rng: {
         **r, "text": caption_from_labels(r["labels"], rng)}, weight)
 
@@ -301,7 +307,8 @@ def label_vector(labels: Mapping[str, bool] | Sequence[str] | str, names: Sequen
 @dataclasses.dataclass
 class PairFeaturizer:
     """One pair → ``{"images", "tokens", "input_mask"}`` of fixed shapes (no batch axis), or
-    with ``label_names`` ``{"images", "labels", "label_mask"}``."""
+    with ``label_names`` ``{"images", "labels", "label_mask"}``, or without a tokenizer (and
+    labels) only ``{"images"}`` (masked-image pretraining)."""
     cfg: Any          # the data section
     tokenizer: Any
     train: bool
@@ -326,6 +333,8 @@ class PairFeaturizer:
         if self.label_names:
             values, known = label_vector(pair["labels"], self.label_names, pair["id"])
             return {"images": self.image(pair, rng), "labels": values, "label_mask": known}
+        if self.tokenizer is None:
+            return {"images": self.image(pair, rng)}
         tokens, mask = tokenize(self.tokenizer, [pair["text"]], self.cfg.max_length)
         return {"images": self.image(pair, rng), "tokens": tokens[0], "input_mask": mask[0]}
 
@@ -345,7 +354,7 @@ def pair_dataset(cfg, *, split: str = "train", sentences: int = 1,
         ds = grain.MapDataset.source(src.records)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
-        ds = ds.repeat().random_map(pipeline.guarded(src.to_pair, guard),
+        ds = ds.repeat().random_map(guarded(src.to_pair, guard, first_stage=True),
                                     seed=cfg.seed + 104729 * i + 1)
         parts.append(ds)
         weights.append(src.weight)
@@ -357,20 +366,19 @@ def build_iterator(cfg, tokenizer, *, split: str = "train", sentences: int = 1,
                    skips: SkipCounter | None = None, label_names: Sequence[str] = ()):
     """A grain iterator (``get_state`` / ``set_state``) over this process's batches of pairs
     (``data.batch_size / process_count`` rows each); with ``label_names``, of image–labels
-    pairs."""
+    pairs; with no ``tokenizer``, of images only (see PairFeaturizer)."""
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
                          f"{process_count} processes")
     if cfg.skip_bad_examples and skips is None:
-        skips = SkipCounter()
+        skips = SkipCounter(cfg.max_skip_fraction)
     guard = skips if cfg.skip_bad_examples else None
     featurize = PairFeaturizer(cfg, tokenizer, train=split == "train",
                                label_names=tuple(label_names))
     ds = pair_dataset(cfg, split=split, sentences=sentences, skips=skips,
                       labels=bool(label_names))
     ds = ds[process_index::process_count]
-    ds = ds.random_map(pipeline.guarded(lambda p, rng: p and featurize(p, rng), guard),
-                       seed=cfg.seed + 2)
+    ds = ds.random_map(guarded(featurize, guard), seed=cfg.seed + 2)
     ds = ds.filter(lambda x: x is not None)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                  prefetch_buffer_size=cfg.prefetch))

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from medvl_jax.data import chat, packing, preprocess, readers, sources
-from medvl_jax.data.errors import DataError, SkipCounter
+from medvl_jax.data.errors import DataError, SkipCounter, guarded
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.normalise = (0.5, 0.5)        # (mean, std) applied last.
     c.qa_per_example = 1            # MedSynth: question/answer turns per example.
     c.skip_bad_examples = False     # Drop (and count) bad examples instead of failing.
+    c.max_skip_fraction = 0.1       # With skipping: stop when more of the reads were bad.
     c.num_threads = 2               # grain read threads.
     c.prefetch = 4
     return c
@@ -91,7 +92,7 @@ def medsynth_source(kind: str = "cxr", num_studies: int = 2000, weight: float = 
 _SOURCE_FIELDS = {
     "medsynth": {"kind", "weight", "medsynth_kind", "num_studies", "render_size",
                  "volume_shape", "seed", "question_types"},
-    "json": {"kind", "weight", "path", "image_root", "format"},
+    "json": {"kind", "weight", "path", "image_root", "format", "allow_outside_root"},
     "tfds": {"kind", "weight", "name", "data_dir", "split", "to_example"},
 }
 
@@ -119,7 +120,8 @@ def build_source(name: str, spec: dict, split: str, qa_per_example: int) -> sour
         return sources.SourceSpec(name, medsynth.MedSynthSource(cfg), to_example, weight)
     if kind == "json":
         src = sources.ConversationFile(spec["path"], spec.get("image_root"),
-                                       spec.get("format", "auto"))
+                                       spec.get("format", "auto"),
+                                       allow_outside_root=bool(spec.get("allow_outside_root")))
         return sources.SourceSpec(name, src, lambda rec, rng: rec, weight)
     src = sources.tfds_source(spec["name"], spec.get("split", split), spec.get("data_dir"))
     if spec["name"].split("/")[0] == "medsynth" and not spec.get("to_example"):
@@ -436,21 +438,6 @@ class Featurizer:
         }
 
 
-def guarded(fn: Callable, skips: SkipCounter | None) -> Callable:
-    """Wraps ``fn(x, rng)``: DataErrors are counted and the example dropped (returns None)."""
-
-    def call(x, rng):
-        try:
-            return fn(x, rng)
-        except DataError as e:
-            if skips is None:
-                raise
-            skips.add(e)
-            return None
-
-    return call
-
-
 # --------------------------------------------------------------------------------------------
 # The dataset.
 # --------------------------------------------------------------------------------------------
@@ -473,9 +460,10 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
                          f"{process_count} processes")
     if cfg.skip_bad_examples and skips is None:
-        skips = SkipCounter()
+        skips = SkipCounter(cfg.max_skip_fraction)
     train = split == "train"
     featurize = Featurizer(cfg, tokenizer, train=train)
+    guard = skips if cfg.skip_bad_examples else None
     parts, weights = [], []
     for i, (name, spec) in enumerate(sorted(dict(cfg.sources).items())):
         src = build_source(name, dict(spec), split, cfg.qa_per_example)
@@ -485,22 +473,25 @@ def build_dataset(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "tr
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
         ds = ds.repeat()
-        guard = skips if cfg.skip_bad_examples else None
-        ds = ds.random_map(guarded(src.to_example, guard), seed=cfg.seed + 104729 * i + 1)
+        ds = ds.random_map(guarded(src.to_example, guard, first_stage=True),
+                           seed=cfg.seed + 104729 * i + 1)
         parts.append(ds)
         weights.append(src.weight)
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds[process_index::process_count]
     if examples_per_batch is not None:
+        def checked(ex, rng):  # Images read here too, so a bad one meets the guard.
+            decode_images(ex, cfg)
+            return ex
+
+        ds = ds.random_map(guarded(checked, guard), seed=cfg.seed + 2)
         ds = ds.filter(lambda x: x is not None)
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                     prefetch_buffer_size=cfg.prefetch)
                                   ).batch(examples_per_batch, drop_remainder=True, batch_fn=list)
     per_process = cfg.batch_size // process_count
     to_arrays = featurize.unpadded if cfg.pack else featurize
-    ds = ds.random_map(guarded(lambda ex, rng: ex and to_arrays(ex, rng),
-                                skips if cfg.skip_bad_examples else None),
-                       seed=cfg.seed + 2)
+    ds = ds.random_map(guarded(to_arrays, guard), seed=cfg.seed + 2)
     ds = ds.filter(lambda x: x is not None)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                  prefetch_buffer_size=cfg.prefetch))

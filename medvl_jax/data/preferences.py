@@ -53,10 +53,10 @@ import grain
 import numpy as np
 
 from medvl_jax.data import pipeline, sources
-from medvl_jax.data.errors import DataError
+from medvl_jax.data.errors import DataError, SkipCounter, guarded
 
 PAIR_KINDS = ("text", "visual", "mistake")
-_FILE_FIELDS = {"kind", "weight", "path", "image_root"}
+_FILE_FIELDS = {"kind", "weight", "path", "image_root", "allow_outside_root"}
 SIDES, ZONES = ("left", "right"), ("upper", "middle", "lower")
 _WORD_SETS = (("left", "right", "both"), SIDES, ZONES, ("new", "grown", "resolved", "stable"))
 _RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
@@ -225,7 +225,8 @@ class PreferenceFile:
          "rejected_images": [...] (optional: a visual pair, the rejected side's images),
          "weight": 2.0 (optional), "id": "..." (optional)}
 
-    Relative image paths are resolved against ``image_root`` (default: the file's directory);
+    Relative image paths are resolved against ``image_root`` (default: the file's directory)
+    and may not leave it unless ``allow_outside_root`` (sources.image_path);
     a prompt without ``<image>`` placeholders gets one per image in front. A pair without
     ``rejected_images`` is a ``text`` pair and needs two different answers; with them, a
     ``visual`` pair (same count of images on both sides). Records without ``weight`` take
@@ -233,7 +234,8 @@ class PreferenceFile:
     built (errors name file:line); images are read when a pair is featurized.
     """
 
-    def __init__(self, path: str, image_root: str | None = None):
+    def __init__(self, path: str, image_root: str | None = None, *,
+                 allow_outside_root: bool = False):
         self.path = path
         root = image_root if image_root is not None else os.path.dirname(path)
         self.pairs = []
@@ -251,9 +253,10 @@ class PreferenceFile:
             if bad:
                 raise DataError(f"{' and '.join(repr(k) for k in bad)} must be image paths "
                                 "(strings)", where=where, reason="bad_record")
-            images = [os.path.join(root, x) for x in refs["image"] + refs["images"]]
-            other = [os.path.join(root, x) for x in refs["rejected_image"]
-                     + refs["rejected_images"]]
+            images, other = ([sources.image_path(root, x, where, allow_outside=allow_outside_root)
+                              for x in refs[a] + refs[b]]
+                             for a, b in (("image", "images"),
+                                          ("rejected_image", "rejected_images")))
             if other and len(other) != len(images):
                 raise DataError(f"{len(other)} rejected images for {len(images)} images",
                                 where=where, reason="bad_record")
@@ -320,13 +323,14 @@ def preference_source(path: str, weight: float = 1.0, image_root: str | None = N
 def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=None,
                   mistakes: list[dict] | None = None, mistake_fraction: float = 0.0,
                   split: str = "train", process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+                  process_count: int = 1, skips: SkipCounter | None = None) -> grain.IterDataset:
     """Batched preference pairs of the sources of ``data_cfg`` (the ``data`` config section:
     ``medsynth`` sources, pairs made on the fly, and ``preferences`` files), this process's
     shard.
 
     ``mistakes``: ready pairs (:func:`mistake_pairs`, already this process's share), repeated
-    in a shuffled order and mixed in as ``mistake_fraction`` of the pairs (1: only these)."""
+    in a shuffled order and mixed in as ``mistake_fraction`` of the pairs (1: only these).
+    Bad records are counted in ``skips`` when ``data.skip_bad_examples`` (errors.guarded)."""
     if not 0.0 <= mistake_fraction <= 1.0:
         raise ValueError(f"mistake_fraction must be in [0, 1], got {mistake_fraction}")
     if mistake_fraction > 0 and not mistakes:
@@ -337,6 +341,9 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
         raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
                          f"{process_count} processes")
     featurizer = pipeline.Featurizer(data_cfg, tokenizer, train=split == "train")
+    if data_cfg.skip_bad_examples and skips is None:
+        skips = SkipCounter(data_cfg.max_skip_fraction)
+    guard = skips if data_cfg.skip_bad_examples else None
     parts, mix = [], []
     for i, (name, spec) in enumerate(sorted(dict(data_cfg.sources).items())):
         spec = dict(spec)
@@ -346,10 +353,14 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
             if unknown:
                 raise ValueError(f"data.sources.{name}: unknown field(s) {sorted(unknown)} for "
                                  f"a preferences source; allowed: {sorted(_FILE_FIELDS)}")
-            ds = grain.MapDataset.source(PreferenceFile(spec["path"], spec.get("image_root")))
+            ds = grain.MapDataset.source(PreferenceFile(
+                spec["path"], spec.get("image_root"),
+                allow_outside_root=bool(spec.get("allow_outside_root"))))
             if data_cfg.shuffle:
                 ds = ds.shuffle(seed=data_cfg.seed + 7919 * i)
-            parts.append(ds.repeat().map(lambda p: _file_pair(p, weights)))
+            parts.append(ds.repeat().random_map(
+                guarded(lambda p, rng: _file_pair(p, weights), guard, first_stage=True),
+                seed=data_cfg.seed + 104729 * i + 1))
             mix.append(float(spec.get("weight", 1.0)))
             continue
         if kind != "medsynth":
@@ -365,7 +376,8 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
             return make_pair(record, rng, visual_fraction=visual_fraction,
                              question_types=types, weights=weights)
 
-        ds = ds.repeat().random_map(to_pair, seed=data_cfg.seed + 104729 * i + 1)
+        ds = ds.repeat().random_map(guarded(to_pair, guard, first_stage=True),
+                                    seed=data_cfg.seed + 104729 * i + 1)
         parts.append(ds.filter(lambda x: x is not None))
         mix.append(src.weight)
     if not parts:
@@ -379,7 +391,9 @@ def build_dataset(data_cfg, tokenizer, *, visual_fraction: float = 0.5, weights=
         own = own.repeat()
         ds = own if mistake_fraction == 1.0 else grain.MapDataset.mix(
             [ds, own], [1.0 - mistake_fraction, mistake_fraction])
-    ds = ds.random_map(lambda p, rng: featurize_pair(featurizer, p, rng), seed=data_cfg.seed + 2)
+    ds = ds.random_map(guarded(lambda p, rng: featurize_pair(featurizer, p, rng), guard),
+                       seed=data_cfg.seed + 2)
+    ds = ds.filter(lambda x: x is not None)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                               prefetch_buffer_size=data_cfg.prefetch))
     return it.batch(data_cfg.batch_size // process_count, drop_remainder=True)

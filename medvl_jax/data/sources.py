@@ -85,6 +85,27 @@ def read_json_records(path: str) -> list[tuple[str, dict]]:
     return out
 
 
+def image_path(root: str, rel, where: str, *, allow_outside: bool = False) -> str:
+    """``rel`` (a record's image path) joined to ``root``.
+
+    A path that leaves ``root`` (absolute, or climbing out with ``..``) is a DataError unless
+    ``allow_outside`` (the source's ``allow_outside_root``): a dataset file should not be able
+    to make the trainer read anywhere on the machine. The check is on the path's text; links
+    inside ``root`` are followed as the file system says.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"image path must be a non-empty string, got {rel!r}", where=where,
+                        reason="bad_record")
+    path = os.path.join(root, rel)
+    if not allow_outside:
+        top = os.path.abspath(root)
+        if os.path.isabs(rel) or os.path.commonpath([top, os.path.abspath(path)]) != top:
+            raise DataError(f"image path {rel!r} leaves image_root {root!r}; set "
+                            f"allow_outside_root=True on the source to allow it", where=where,
+                            reason="image_path")
+    return path
+
+
 def _as_list(x) -> list:
     if x is None:
         return []
@@ -132,6 +153,9 @@ def med_r1_example(rec: dict, where: str, images: list[str]) -> dict:
     if not isinstance(problem, str) or not isinstance(solution, str):
         raise DataError("'problem' and 'solution' must be strings", where=where,
                         reason="bad_record")
+    if not strip_answer_tags(solution):
+        raise DataError(f"empty answer in 'solution' {solution!r}", where=where,
+                        reason="empty_answer")
     # Med-R1 problems carry no placeholder: the images go first, one placeholder each.
     if IMAGE_PLACEHOLDER not in problem:
         problem = "".join(IMAGE_PLACEHOLDER + "\n" for _ in images) + problem
@@ -148,7 +172,8 @@ class ConversationFile:
     Args:
       path: a ``.json`` file holding a list of records, or a ``.jsonl`` file, one per line.
       image_root: directory that relative image paths are resolved against (default: the
-        file's directory).
+        file's directory); paths may not leave it (see :func:`image_path`) unless
+        ``allow_outside_root``.
       format: "llava", "med_r1" or "auto" (decided per record).
 
     The file is parsed and every record checked when the source is built, so a malformed record
@@ -156,7 +181,8 @@ class ConversationFile:
     pipeline, so a missing or corrupt image is reported when its example is read.
     """
 
-    def __init__(self, path: str, image_root: str | None = None, format: str = "auto"):
+    def __init__(self, path: str, image_root: str | None = None, format: str = "auto", *,
+                 allow_outside_root: bool = False):
         if format not in ("auto", "llava", "med_r1"):
             raise ValueError(f"format must be auto, llava or med_r1, got {format!r}")
         self.path = path
@@ -169,8 +195,8 @@ class ConversationFile:
                 fmt = detect_format(rec) if format == "auto" else format
             except ValueError as e:
                 raise DataError(str(e), where=where, reason="bad_record") from None
-            images = [os.path.join(self.image_root, p) for p in _as_list(rec.get("image"))
-                      + _as_list(rec.get("images"))]
+            images = [image_path(self.image_root, p, where, allow_outside=allow_outside_root)
+                      for p in _as_list(rec.get("image")) + _as_list(rec.get("images"))]
             build = _llava_example if fmt == "llava" else med_r1_example
             try:
                 ex = build(rec, where, images)

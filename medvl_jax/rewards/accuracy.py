@@ -111,7 +111,12 @@ class AccuracyConfig:
 
 def is_correct(prediction: str, reference: str, question_type: str | None = None,
                options: Sequence[str] = (), config: AccuracyConfig = AccuracyConfig()) -> bool:
-    """Whether the answer text ``prediction`` (already extracted) matches ``reference``."""
+    """Whether the answer text ``prediction`` (already extracted) matches ``reference``. An
+    empty prediction is never right; an empty reference is an error (no answer to check)."""
+    if not reference.strip():
+        raise ValueError(f"empty reference answer {reference!r}: nothing to score against")
+    if not prediction.strip():
+        return False
     qt = question_type or ""
     if qt == "closed":
         want = yes_no(reference)

@@ -13,6 +13,7 @@ import numpy as np
 
 from medvl_jax.data import chat
 from medvl_jax.data import pipeline as pipe
+from medvl_jax.data.errors import DataError, located
 
 
 class Answerer:
@@ -37,7 +38,10 @@ class Answerer:
                  "mask_ar": np.ones((b, L), np.int32),
                  "images": np.zeros((b, d.max_images) + feat.image_shape(), np.float32)}
         for i, ex in enumerate(examples):
-            images = [feat.ops(x, None) for x in pipe.decode_images(ex, d)]
+            try:
+                images = [feat.ops(x, None) for x in pipe.decode_images(ex, d)]
+            except DataError as e:  # Name the record, not only the image.
+                raise located(e, ex)
             enc = chat.encode_prompt(self.tokenizer, ex["messages"], d.template,
                                      num_image_tokens=d.num_image_tokens, num_images=len(images),
                                      max_length=L, prefix_lm=d.prefix_lm, where=ex["id"])

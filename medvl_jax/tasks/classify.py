@@ -110,7 +110,7 @@ class ClassifyTask(base.Task):
         """This process's grain iterator of image–labels batches."""
         return pairs.build_iterator(config.data, self.tokenizer, split="train",
                                     process_index=process_index, process_count=process_count,
-                                    label_names=self.labels)
+                                    skips=skips, label_names=self.labels)
 
     def loss(self, params, batch, rng):
         """``(loss, metrics)``: masked BCE, and the accuracy (logit > 0) on known labels."""

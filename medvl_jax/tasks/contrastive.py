@@ -154,7 +154,8 @@ class ContrastiveTask(base.Task):
         """This process's grain iterator of image–text batches (:mod:`medvl_jax.data.pairs`)."""
         return pairs.build_iterator(config.data, self.tokenizer, split="train",
                                     sentences=int(config.contrastive.sentences),
-                                    process_index=process_index, process_count=process_count)
+                                    process_index=process_index, process_count=process_count,
+                                    skips=skips)
 
     def _text_mask(self, batch):
         return batch["input_mask"] if self.config.contrastive.text_mask else None

@@ -166,7 +166,7 @@ class DPOTask(base.Task):
             config.data, self.tokenizer, visual_fraction=float(d.visual_fraction),
             weights=dict(d.pair_weights), mistakes=mistakes,
             mistake_fraction=float(d.mistake_fraction), split="train",
-            process_index=process_index, process_count=process_count))
+            process_index=process_index, process_count=process_count, skips=skips))
 
     def mine_mistakes(self, *, process_index: int = 0, process_count: int = 1) -> list[dict]:
         """Mistake pairs (medvl_jax.data.preferences.mistake_pairs) of this process's share of

@@ -45,14 +45,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from medvl_jax.data import pairs, pipeline
-from medvl_jax.data.errors import SkipCounter
 from medvl_jax.models import from_config
 from medvl_jax.models.decoder import REMAT_POLICIES
 from medvl_jax.models.layers import param_with_axes
@@ -327,26 +325,6 @@ def model_config(model: Any, mae: Any) -> MAEConfig:
                      decoder_mlp_dim=int(mae.decoder_mlp_dim))
 
 
-def image_iterator(cfg, *, split: str = "train", process_index: int = 0,
-                   process_count: int = 1, skips: SkipCounter | None = None):
-    """A grain iterator over this process's batches ``{"images"}`` of the images of
-    ``cfg.sources`` (pairs' sources: shuffled, repeated and mixed as for contrastive pairs,
-    preprocessed as the data section says)."""
-    if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
-                         f"{process_count} processes")
-    if cfg.skip_bad_examples and skips is None:
-        skips = SkipCounter()
-    guard = skips if cfg.skip_bad_examples else None
-    featurize = pairs.PairFeaturizer(cfg, None, train=split == "train")
-    ds = pairs.pair_dataset(cfg, split=split, sentences=0, skips=skips)
-    ds = ds[process_index::process_count]
-    ds = ds.random_map(pipeline.guarded(
-        lambda p, rng: p and {"images": featurize.image(p, rng)}, guard), seed=cfg.seed + 2)
-    ds = ds.filter(lambda x: x is not None)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
-                                                 prefetch_buffer_size=cfg.prefetch))
-    return iter(it_ds.batch(cfg.batch_size // process_count, drop_remainder=True))
 
 
 class MAETask(base.Task):
@@ -398,8 +376,9 @@ class MAETask(base.Task):
 
     def data_iterator(self, config, *, process_index: int, process_count: int, skips=None):
         """This process's grain iterator of image batches."""
-        return image_iterator(config.data, split="train", process_index=process_index,
-                              process_count=process_count, skips=skips)
+        return pairs.build_iterator(config.data, None, split="train", sentences=0,
+                                    process_index=process_index,
+                                    process_count=process_count, skips=skips)
 
     def masks(self, rng, batch_size: int):
         """``(keep, mask)`` of a batch for the step's ``rng`` (:func:`random_masking`)."""

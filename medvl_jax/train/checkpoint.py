@@ -7,6 +7,10 @@ that resume would pick up. ``data`` is grain's iterator state, one JSON file per
 Restoring onto another mesh (or device count) is restoring with a target whose leaves carry
 the new shardings (state.abstract_state); Orbax reads each device's slice from the saved
 arrays.
+
+Rotation is done here, not by Orbax: the newest ``keep`` checkpoints are kept, and so is the
+newest *good* one (marked by the loop once the step after it was finite; checkpoints found at
+start-up count as good), so a divergence can never rotate the last usable state away.
 """
 from __future__ import annotations
 
@@ -45,19 +49,51 @@ class CheckpointManager:
         # Orbax refuses relative paths; a user's ``--checkpoint runs/sft`` is one.
         self._mngr = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "data", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                  enable_async_checkpointing=async_save))
+        self.keep = int(keep or 0)  # 0: keep all.
+        self.good = set(self._mngr.all_steps())
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self._mngr.latest_step()
 
     def save(self, step: int, state: Any, data_iter, meta: dict, *, force: bool = False) -> None:
-        """Starts saving (asynchronously); returns once the state is copied off the devices."""
+        """Starts saving (asynchronously); returns once the state is copied off the devices.
+        Then deletes the checkpoints past ``keep`` but the newest good one."""
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta)), force=force)
+        steps = sorted(self._mngr.all_steps())
+        if self.keep and len(steps) > self.keep:
+            newest_good = max(self.good.intersection(steps), default=None)
+            for old in steps[:-self.keep]:
+                if old != newest_good:
+                    self._mngr.delete(old)
+                    self.good.discard(old)
+
+    def mark_good(self, step: int) -> None:
+        """Records that the step after checkpoint ``step`` was finite."""
+        self.good.add(step)
+
+    def set_aside_unconfirmed(self, to: str) -> int | None:
+        """Moves the checkpoints newer than the newest good one into directory ``to`` (so a
+        resume starts from the good one; nothing is deleted). Returns the good step or None."""
+        self.wait()
+        steps = sorted(self._mngr.all_steps())
+        good = max(self.good.intersection(steps), default=None)
+        later = [s for s in steps if good is None or s > good]
+        if later and jax.process_index() == 0:
+            os.makedirs(to, exist_ok=True)
+            for s in later:
+                dest = os.path.join(to, str(s))
+                while os.path.exists(dest):  # Set aside before, by another diverging run.
+                    dest += "+"
+                os.replace(os.path.join(str(self._mngr.directory), str(s)), dest)
+            print(f"moved checkpoint(s) {later} of a diverging run to {to}")
+        self._mngr.reload()
+        return good
 
     def restore(self, step: int, target: Any, data_iter) -> tuple[Any, dict]:
         """The state (placed as ``target``'s shardings say) and metadata; ``data_iter`` is set

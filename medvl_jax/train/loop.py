@@ -10,17 +10,29 @@ gives each optional one a working default). Evaluators (built from ``config.eval
 end. Determinism: the step's RNG is ``fold_in(seed, step)`` and the data position
 is saved with every checkpoint, so a resumed run continues bit-exactly (on CPU).
 
-Guards: a step whose loss or gradient norm is not finite applies no update (decided inside
-the jitted step, so nothing syncs for it) and is counted in the state; when
-``train.max_nonfinite_in_a_row`` such steps follow each other the run stops with a
-FloatingPointError at the next log line, keeping the last good checkpoint. SIGTERM (a
-preemption notice) makes the loop save at the next step boundary and return.
+Guards (see also :mod:`medvl_jax.train.guards`):
+
+* a step whose loss, gradient norm or updated weights/optimizer moments are not finite
+  applies no update (decided inside the jitted step, so nothing syncs for it) and is counted
+  in the state; when ``train.max_nonfinite_in_a_row`` such steps follow each other the run
+  stops with a FloatingPointError at the next log line;
+* the state is therefore always finite; a checkpoint of it counts as *good* once the step
+  after it is finite too. Rotation (``train.keep_checkpoints``) never deletes the
+  newest good checkpoint, and a run stopped by non-finite steps moves the checkpoints newer
+  than it aside (``<workdir>/checkpoints_nonfinite``), so a resume starts from it;
+* with ``train.skip_loss_spikes = k`` a step whose loss exceeds k × the running median is not
+  applied (counted in ``skipped_spikes``);
+* bad records (``data.skip_bad_examples``) are counted per distinct record, saved with each
+  checkpoint, printed at the end and on SIGTERM; past ``data.max_skip_fraction`` the run
+  stops; no batch for ``train.data_timeout_s`` stops it too (DataStall);
+* SIGTERM (a preemption notice) makes the loop save at the next step boundary and return
+  ``{"preempted_at": step}`` (the CLI exits with guards.PREEMPTED_EXIT_CODE); if it comes
+  while the pipeline is stalled, the loop returns without saving.
 """
 from __future__ import annotations
 
 import difflib
 import os
-import signal
 import time
 from typing import Any, Callable, Mapping
 
@@ -34,7 +46,10 @@ import optax
 from medvl_jax.models import lora as lora_lib
 from medvl_jax.parallel import mesh as mesh_lib
 from medvl_jax.parallel import rules as rules_lib
+from medvl_jax.config import ConfigError
+from medvl_jax.data.errors import SkipCounter, TooManyBadRecords
 from medvl_jax.train import checkpoint as ckpt_lib
+from medvl_jax.train import guards
 from medvl_jax.train import metrics as metrics_lib
 from medvl_jax.train import optim
 from medvl_jax.tasks.base import Task, run_keys
@@ -53,9 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every = 10
     c.checkpoint_every = 200      # Also saved at the end; 0: only on SIGTERM.
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2        # Plus the newest good one, if older (see the module doc).
     c.async_checkpoints = True
     c.max_nonfinite_in_a_row = 5  # Abort after this many skipped (non-finite) steps in a row.
+    c.skip_loss_spikes = 0.0      # k > 0: skip steps with loss > k x running median.
+    c.data_timeout_s = 600.0      # Stop when no batch comes for this long; 0 = wait forever.
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.peak_flops_per_device = 0.0  # For the MFU estimate; 0 = not reported.
     c.progress = True
@@ -94,15 +111,15 @@ def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 def _check_batch(batch_size: int, dp: int, grad_accum: int, mesh) -> None:
     if grad_accum < 1:
-        raise ValueError(f"optim.grad_accum must be >= 1, got {grad_accum}")
+        raise ConfigError(f"optim.grad_accum must be >= 1, got {grad_accum}")
     if batch_size % dp:
-        raise ValueError(f"data.batch_size={batch_size} is not divisible by the data-parallel "
+        raise ConfigError(f"data.batch_size={batch_size} is not divisible by the data-parallel "
                          f"size {dp} (mesh {dict(mesh.shape)})")
     if batch_size % (grad_accum * dp):
-        raise ValueError(f"data.batch_size={batch_size} is not divisible by optim.grad_accum="
+        raise ConfigError(f"data.batch_size={batch_size} is not divisible by optim.grad_accum="
                          f"{grad_accum} x the data-parallel size {dp}")
     if batch_size % jax.process_count():
-        raise ValueError(f"data.batch_size={batch_size} is not divisible by the "
+        raise ConfigError(f"data.batch_size={batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
 
 
@@ -117,7 +134,9 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
     With ``grad_accum = k`` the batch is split into k equal microbatches, taken with stride k
     (rows i, i+k, ...) so that each one stays spread over all data-parallel devices; loss,
     metrics and gradients are averaged over a ``lax.scan``. The update is skipped (state kept,
-    counters raised) when the loss or gradient norm is not finite.
+    counters raised) when the loss, the gradient norm, or any updated parameter or optimizer
+    moment is not finite. With ``max_loss`` (a scalar; see guards.SpikeGuard) a step whose
+    loss exceeds it is not applied either (metric ``loss_spike``; not a non-finite step).
 
     ``labels`` (:func:`optim.param_labels`): parameters labelled "frozen" are behind a
     ``stop_gradient``, so their weight gradients are never computed (a LoRA run does not pay
@@ -143,7 +162,7 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
             m = jax.lax.with_sharding_constraint(m, jax.sharding.NamedSharding(mesh, spec))
         return m
 
-    def step(state: state_lib.TrainState, batch, base_rng):
+    def step(state: state_lib.TrainState, batch, base_rng, max_loss=None):
         rng = jax.random.fold_in(base_rng, state.step)
         stats = task.global_stats(batch)
         if grad_accum == 1:
@@ -162,12 +181,20 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
             (_, total), _ = jax.lax.scan(body, (0, zeros), micro)
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, total)
         gnorm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        # A finite gradient can still make weights overflow (a huge learning rate): checked too.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(gnorm) & _all_finite(new_params)
+                  & _all_finite(new_opt))
+        apply = finite
+        extra = {}
+        if max_loss is not None:
+            spike = finite & (loss > max_loss)
+            apply = finite & ~spike
+            extra["loss_spike"] = spike.astype(jnp.float32)
 
         def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            return jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
 
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state_lib.TrainState(
@@ -177,14 +204,21 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
             nonfinite_streak=streak,
             nonfinite_worst_streak=jnp.maximum(state.nonfinite_worst_streak, streak))
         metrics = {"loss": loss, "grad_norm": gnorm, "learning_rate": lr_schedule(state.step),
-                   **aux}
+                   **aux, **extra}
         return new_state, metrics
 
     return step
 
 
+def _all_finite(tree) -> jnp.ndarray:
+    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
 # ---------------------------------------------------------------------------------------------
-# Data and preemption
+# Data
 # ---------------------------------------------------------------------------------------------
 
 def _data_iterator(config, task, data_iter_fn, skips):
@@ -199,36 +233,6 @@ def _data_iterator(config, task, data_iter_fn, skips):
                         f"DataLoaderIterator) so its position can be checkpointed; got "
                         f"{type(it).__name__}")
     return it
-
-
-class _Preempted:
-    """Turns SIGTERM into a flag checked at step boundaries (TPU/SLURM preemption notice)."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.flag = True
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # Not the main thread: no handler, no flag.
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-    def any_process(self) -> bool:
-        """Whether any process got the signal (a collective when there are several)."""
-        if jax.process_count() == 1:
-            return self.flag
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.flag, np.int32))
-        return bool(np.asarray(flags).any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +280,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     _check_batch(bs, dp, int(config.optim.grad_accum), mesh)
 
     # --- data ------------------------------------------------------------------------------
-    from medvl_jax.data.errors import SkipCounter
-
-    skips = SkipCounter()
+    skips = SkipCounter(float(config.data.get("max_skip_fraction", 1.0)))
     data_iter = _data_iterator(config, task, data_iter_fn, skips)
+    spikes = guards.SpikeGuard(tc.skip_loss_spikes)
 
     # --- optimizer and state: shapes first, then shardings, then a sharded init -------------
     init_rng, step_rng = run_keys(tc.seed)
@@ -296,6 +299,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     if latest is not None:
         state, saved_meta = manager.restore(latest, target, data_iter)
         ckpt_lib.check_compatible(saved_meta, meta)
+        skips.restore(saved_meta.get("skips"))
+        spikes.restore(saved_meta.get("spikes"))
         print(f"resumed from step {latest} in {workdir}")
     else:
         state, _ = state_lib.init_state(task.init, tx, mesh, init_rng, dummy,
@@ -307,7 +312,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     step_jit = jax.jit(
         make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh,
                         labels=optim.param_labels(params_shape, oc)),
-        in_shardings=(shardings, batch_sharding, replicated),
+        in_shardings=(shardings, batch_sharding, replicated) + (
+            (replicated,) if spikes.enabled else ()),
         out_shardings=(shardings, replicated), donate_argnums=(0,))
     step_fn = None
 
@@ -331,74 +337,126 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     # --- tasks that make their batches from the current params (GRPO rollouts) -------------
     mu = int(task.updates_per_batch)
     if mu > 1 and tc.checkpoint_every % mu:
-        raise ValueError(f"train.checkpoint_every={tc.checkpoint_every} must be a multiple of "
+        raise ConfigError(f"train.checkpoint_every={tc.checkpoint_every} must be a multiple of "
                          f"the task's {mu} updates per batch, so a resumed run starts a fresh "
                          f"batch exactly where the original did")
     rollout_rng = jax.random.fold_in(step_rng, 0x5A3)
 
+    # --- checkpoints: good once the step after them is finite too -------------------------
+    pending: list = []  # Per step (loss, loss_spike) on device, for the spike guard.
+    unconfirmed = None  # (step, nonfinite_total) of the newest save until the step after it.
+
+    def flush_spikes(update: bool) -> None:
+        if spikes.enabled:
+            got = jax.device_get(pending)
+            pending.clear()
+            if got:
+                spikes.record(*zip(*got))
+            if update:
+                spikes.update()
+
+    def save(done: int, *, force: bool = False) -> None:
+        nonlocal unconfirmed
+        flush_spikes(update=False)
+        manager.save(done, state, data_iter, {**meta, "skips": skips.state(),
+                                              "spikes": spikes.state()}, force=force)
+        unconfirmed = (done, int(state.nonfinite_total))
+
+    def close() -> None:
+        manager.wait()
+        progress.close()
+        writer.close()
+        if skips.total:
+            print(skips.summary())
+
     # --- the loop ---------------------------------------------------------------------------
-    results: dict = {}
-    with _Preempted() as preempted:
-        for step in range(start, tc.steps):
-            if step % mu == 0 or step == start:  # A new batch every `mu` updates.
-                local = task.prepare_batch(state.params, next(data_iter),
-                                           jax.random.fold_in(rollout_rng, step))
-                batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
-            if step_fn is None:
-                with rules_lib.activation_rules(mesh):
-                    step_fn = step_jit.lower(state, batch, step_rng).compile()
-                if task.flops_per_example:
-                    flops_per_device = float(task.flops_per_example) * bs / len(mesh.devices.flat)
+    with guards.Preempted() as preempted:
+        fetch = guards.DataFetcher(data_iter, timeout_s=tc.data_timeout_s, preempted=preempted,
+                                   describe=skips.summary)
+        try:
+            for step in range(start, tc.steps):
+                if step % mu == 0 or step == start:  # A new batch every `mu` updates.
+                    local = task.prepare_batch(state.params, fetch(),
+                                               jax.random.fold_in(rollout_rng, step))
+                    batch = mesh_lib.global_batch_from_local(local, mesh, batch_sharding)
+                args = (state, batch, step_rng) + (
+                    (jnp.asarray(spikes.threshold, jnp.float32),) if spikes.enabled else ())
+                if step_fn is None:
+                    with rules_lib.activation_rules(mesh):
+                        step_fn = step_jit.lower(*args).compile()
+                    if task.flops_per_example:
+                        flops_per_device = (float(task.flops_per_example) * bs
+                                            / len(mesh.devices.flat))
+                    else:
+                        flops_per_device = metrics_lib.compiled_flops(step_fn)
+                    window_t = time.perf_counter()  # Compilation is not step time.
+                state, m = step_fn(*args)
+                if spikes.enabled:
+                    pending.append((m["loss"], m["loss_spike"]))
+                window_steps += 1
+                window_tokens += task.count_tokens(local) * jax.process_count()
+                done = step + 1
+                if unconfirmed and done == unconfirmed[0] + 1:
+                    if int(state.nonfinite_total) == unconfirmed[1]:
+                        manager.mark_good(unconfirmed[0])
+                    unconfirmed = None
+                logging = done % tc.log_every == 0 or done == tc.steps
+                if logging:
+                    m = jax.device_get(m)
+                    flush_spikes(update=True)
+                    worst, total = int(state.nonfinite_worst_streak), int(state.nonfinite_total)
+                    dt = time.perf_counter() - window_t
+                    row = {k: float(v) for k, v in m.items()}
+                    row.update(step_time=dt / window_steps, examples_per_s=window_steps * bs / dt,
+                               skipped_nonfinite=total, skipped_examples=skips.total)
+                    if spikes.enabled:
+                        row["skipped_spikes"] = spikes.skipped
+                    if window_tokens:
+                        row["tokens_per_s"] = window_tokens / dt
+                    row.update(task.host_metrics())  # Host-side work (GRPO rollouts).
+                    if flops_per_device and tc.peak_flops_per_device:
+                        row["mfu"] = (flops_per_device * window_steps / dt
+                                      / tc.peak_flops_per_device)
+                    writer.write(done, row)
+                    progress.update(done, row)
+                    window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    if worst >= tc.max_nonfinite_in_a_row:
+                        close()
+                        good = manager.set_aside_unconfirmed(
+                            os.path.join(workdir, "checkpoints_nonfinite"))
+                        where = (f"resuming starts from its newest good checkpoint, step {good}"
+                                 if good is not None else
+                                 "it has no good checkpoint, so resuming starts afresh")
+                        raise FloatingPointError(
+                            f"{worst} steps in a row had a non-finite loss, gradient or update "
+                            f"(by step {done}; train.max_nonfinite_in_a_row="
+                            f"{tc.max_nonfinite_in_a_row}); stopping. In {workdir}, {where} "
+                            f"(lower optim.lr, or look at the data).")
                 else:
-                    flops_per_device = metrics_lib.compiled_flops(step_fn)
-                window_t = time.perf_counter()  # Compilation is not step time.
-            state, m = step_fn(state, batch, step_rng)
-            window_steps += 1
-            window_tokens += task.count_tokens(local) * jax.process_count()
-            done = step + 1
-            logging = done % tc.log_every == 0 or done == tc.steps
-            if logging:
-                m = jax.device_get(m)
-                worst, total = int(state.nonfinite_worst_streak), int(state.nonfinite_total)
-                dt = time.perf_counter() - window_t
-                row = {k: float(v) for k, v in m.items()}
-                row.update(step_time=dt / window_steps, examples_per_s=window_steps * bs / dt,
-                           skipped_nonfinite=total, skipped_examples=skips.total)
-                if window_tokens:
-                    row["tokens_per_s"] = window_tokens / dt
-                row.update(task.host_metrics())  # Host-side work (GRPO rollouts).
-                if flops_per_device and tc.peak_flops_per_device:
-                    row["mfu"] = (flops_per_device * window_steps / dt
-                                  / tc.peak_flops_per_device)
-                writer.write(done, row)
-                progress.update(done, row)
-                window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
-                if worst >= tc.max_nonfinite_in_a_row:
-                    manager.wait()
-                    progress.close()
-                    writer.close()
-                    raise FloatingPointError(
-                        f"{worst} steps in a row had a non-finite loss or gradient (by step "
-                        f"{done}; train.max_nonfinite_in_a_row={tc.max_nonfinite_in_a_row}); "
-                        f"stopping. The last good checkpoint is kept in {workdir}.")
-            else:
-                progress.update(done)
-            # Several processes agree at log steps, so all of them save the same step.
-            if (logging or jax.process_count() == 1) and preempted.any_process():
-                manager.save(done, state, data_iter, meta, force=True)
-                manager.wait()
-                print(f"SIGTERM: saved step {done} in {workdir}; exiting")
-                progress.close()
-                writer.close()
-                return {"preempted_at": done}
-            if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps):
-                manager.save(done, state, data_iter, meta)
-            if done != tc.steps:
-                run_evals(done, final=False)
+                    progress.update(done)
+                # Several processes agree at log steps, so all of them save the same step.
+                if (logging or jax.process_count() == 1) and preempted.any_process():
+                    save(done, force=True)
+                    close()
+                    print(f"SIGTERM: saved step {done} in {workdir}; exiting")
+                    return {"preempted_at": done}
+                if tc.checkpoint_every and (done % tc.checkpoint_every == 0
+                                            or done == tc.steps):
+                    save(done)
+                if done != tc.steps:
+                    run_evals(done, final=False)
+        except guards.PreemptedWaitingForData as e:
+            close()
+            print(f"{e}: nothing saved (the data position is mid-read); the resume point is "
+                  f"step {manager.latest_step()}")
+            return {"preempted_at": None}
+        except (guards.DataStall, TooManyBadRecords):
+            close()
+            raise
     progress.close()
     manager.wait()
     if skips.total:
-        print(f"skipped {skips.total} bad examples: {skips.counts}")
+        print(skips.summary())
     results = run_evals(int(state.step), final=True)
     writer.close()
     return results

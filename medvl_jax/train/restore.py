@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from medvl_jax.config import ConfigError
 from medvl_jax.convert import checkpoint_io
 from medvl_jax.train import checkpoint as ckpt_lib
 
@@ -136,7 +137,7 @@ def restore_params(workdir: str, step: int | None = None, *, config=None, mesh=N
     try:
         params = _manager(workdir).restore_params(step, target)
     except Exception as e:  # Orbax names the leaf; say which checkpoint and the likely why.
-        raise ValueError(f"cannot restore {workdir} step {step} with this config (model or "
+        raise ConfigError(f"cannot restore {workdir} step {step} with this config (model or "
                          f"LoRA settings differ from the run's?): {type(e).__name__}: "
                          f"{e}") from e
     return config, task, params, step
@@ -190,7 +191,7 @@ def vision_tower(path: str, vision_config) -> dict:
     for field in TOWER_FIELDS:
         a, b = getattr(vision_config, field), getattr(theirs, field)
         if a != b:
-            raise ValueError(f"model.vision.{field}={a!r} but the vision tower in {path} "
+            raise ConfigError(f"model.vision.{field}={a!r} but the vision tower in {path} "
                              f"has {b!r}")
     params = ckpt.params
     if "vision" not in params:

@@ -19,7 +19,7 @@ from medvl_jax import config as config_lib
 from medvl_jax import tasks
 from medvl_jax.data import pipeline
 from medvl_jax.models import lora
-from medvl_jax.train import loop, optim, restore
+from medvl_jax.train import guards, loop, optim, restore
 
 # Top-level keys besides the task's own section.
 TOP_LEVEL = {
@@ -137,7 +137,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
             print(f"vision tower from {vision_init}")
     results = loop.train(config, workdir, task, evaluators=evals, pretrained=weights,
                          fresh=fresh)
-    if jax.process_index() != 0 or "preempted_at" in results:
+    if "preempted_at" in results:  # Launchers requeue on this status.
+        return guards.PREEMPTED_EXIT_CODE
+    if jax.process_index() != 0:
         return 0  # Every process evaluated (SPMD); the first one reports.
     for name, res in results.items():
         print(evals[name].format(res))

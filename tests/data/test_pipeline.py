@@ -123,7 +123,8 @@ def test_dicom_in_a_conversation(tmp_path, tokenizer):
         {"from": "gpt", "value": "Normal chest radiograph."}]}
     path = tmp_path / "ct.jsonl"
     path.write_text(json.dumps(rec))
-    cfg = _cfg({"ct": dict(kind="json", weight=1.0, path=str(path))}, batch_size=1,
+    cfg = _cfg({"ct": dict(kind="json", weight=1.0, path=str(path),
+                                allow_outside_root=True)}, batch_size=1,
                max_length=64)
     img = next(pipeline.build_iterator(cfg, tokenizer))["images"][0, 0, ..., 0]
     assert img.shape == (16, 16) and np.isfinite(img).all() and img.std() > 0.05
@@ -132,13 +133,16 @@ def test_dicom_in_a_conversation(tmp_path, tokenizer):
 def test_bad_image_errors_or_is_skipped_and_counted(tmp_path, tokenizer):
     src = _write_llava(tmp_path, "a", 6, bad_at=(2,))
     cfg = _cfg({"a": src}, batch_size=2, shuffle=False)
-    with pytest.raises(DataError, match="missing.png"):
+    # The error names the image and the JSONL line that referenced it (line 3: record 2).
+    with pytest.raises(DataError, match=r"a\.jsonl:3: .*missing\.png"):
         _take(pipeline.build_iterator(cfg, tokenizer), 3)
     cfg = _cfg({"a": src}, batch_size=2, shuffle=False, skip_bad_examples=True)
     skips = SkipCounter()
-    batches = _take(pipeline.build_iterator(cfg, tokenizer, skips=skips), 3)
-    assert len(batches) == 3 and skips.total >= 1
-    assert "missing.png" in skips.examples[0]
+    # 8 batches of 2 read the 6 records about three times: one bad record, counted once.
+    batches = _take(pipeline.build_iterator(cfg, tokenizer, skips=skips), 8)
+    assert len(batches) == 8 and skips.total == 1 and skips.counts == {"missing": 1}
+    assert skips.state()["bad_reads"] >= 2
+    assert "missing.png" in skips.examples[0] and "a.jsonl:3" in skips.examples[0]
 
 
 def test_too_long_and_too_many_images(tmp_path, tokenizer):

@@ -89,3 +89,37 @@ def test_missing_file_and_non_list_json(tmp_path):
 def test_strip_answer_tags():
     assert sources.strip_answer_tags("<think>x</think><answer> 12 mm </answer>") == "12 mm"
     assert sources.strip_answer_tags("  yes ") == "yes"
+
+
+def test_empty_med_r1_answer_is_refused(tmp_path):
+    path = tmp_path / "r1.jsonl"
+    recs = [{"image": "a.png", "problem": "Q?", "solution": "<answer> B </answer>"},
+            {"image": "a.png", "problem": "Q?", "solution": "<think>x</think><answer></answer>"}]
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    with pytest.raises(DataError, match=r"r1\.jsonl:2: empty answer") as e:
+        sources.ConversationFile(str(path))
+    assert e.value.reason == "empty_answer"
+
+
+@pytest.mark.parametrize("image", ["/etc/passwd", "../outside.png", "sub/../../outside.png"])
+def test_image_paths_may_not_leave_image_root(tmp_path, image):
+    from medvl_jax.data import pairs, preferences
+
+    root = tmp_path / "root"
+    root.mkdir()
+    conv = {"image": image, "conversations": [{"from": "human", "value": "<image> Q"},
+                                              {"from": "gpt", "value": "A"}]}
+    files = {"conv.jsonl": (conv, lambda p, **kw: sources.ConversationFile(p, **kw)),
+             "pairs.jsonl": ({"image": image, "text": "T."},
+                             lambda p, **kw: pairs.JsonlPairs(p, **kw)),
+             "prefs.jsonl": ({"image": image, "prompt": "Q", "chosen": "A", "rejected": "B"},
+                             lambda p, **kw: preferences.PreferenceFile(p, **kw))}
+    for name, (rec, build) in files.items():
+        path = root / name
+        path.write_text(json.dumps(rec))
+        with pytest.raises(DataError, match=rf"{name}:1: image path .* leaves image_root"):
+            build(str(path))
+        build(str(path), allow_outside_root=True)  # Allowed when the source says so.
+    inside = root / "ok.jsonl"  # ".." that stays inside is fine.
+    inside.write_text(json.dumps({**conv, "image": "sub/../a.png"}))
+    assert sources.ConversationFile(str(inside))[0]["images"] == [str(root / "sub/../a.png")]

@@ -209,14 +209,14 @@ def test_evaluate_cli_without_config_uses_the_saved_one(run, restored, tmp_path,
     (["--baselines", "none"], "unknown baseline(s) ['none']"),
 ])
 def test_evaluate_cli_names_unknown_names(tmp_path, capsys, flags, message):
-    assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + flags) == 1
+    assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + flags) == 2
     assert message in capsys.readouterr().err
 
 
 def test_evaluate_cli_wrong_checkpoint_dir(tmp_path, capsys):
-    assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + COMMON) == 1
+    assert eval_cli.main(["--config", SMOKE, "--checkpoint", str(tmp_path)] + COMMON) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "neither a training workdir" in err
-    assert eval_cli.main(["--checkpoint", str(tmp_path)]) == 1   # no config to take either
+    assert eval_cli.main(["--checkpoint", str(tmp_path)]) == 2   # no config to take either
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "pass --config" in err

@@ -117,6 +117,8 @@ def test_slurm_dry_run_prints_the_script_and_the_sbatch_command(tmp_path):
 #SBATCH --time=24:00:00
 #SBATCH --partition=gpu
 #SBATCH --account=proj1
+#SBATCH --requeue
+#SBATCH --signal=TERM@120
 #SBATCH --output=medvl_jax-%j.out
 #SBATCH --qos=high
 
@@ -127,7 +129,13 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 export PYTHONUNBUFFERED=1
 
 srun --kill-on-bad-exit=1 --cpus-per-task=12 python3 -m medvl_jax.train --config \
-configs/medsynth_sft.py --workdir '/shared/runs/sft 1' --config.optim.lr=1e-4
+configs/medsynth_sft.py --workdir '/shared/runs/sft 1' --config.optim.lr=1e-4 && status=0 || \
+status=$?
+if [ "$status" -eq 75 ]; then  # Preempted: saved, start again.
+  echo "exit status 75: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
 # submit:
 sbatch {path}
 """
@@ -137,11 +145,35 @@ sbatch {path}
 def test_slurm_one_process_per_node_sees_all_gpus_of_its_node():
     script = slurm.sbatch_script(nodes=4, gpus_per_node=4, processes="per_node",
                                  train_cmd=["python3", "-m", "medvl_jax.train", "--config", "c"],
-                                 chdir="/repo")
+                                 chdir="/repo", requeue=False)
     assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=4\n" \
         in script
     assert "\nexport JAX_LOCAL_DEVICE_IDS=0,1,2,3\n" in script
     assert script.endswith("\nsrun --kill-on-bad-exit=1 python3 -m medvl_jax.train --config c\n")
+    assert "--requeue" not in script and "--signal" not in script
+
+
+def test_slurm_script_requeues_a_preempted_run(tmp_path):
+    """The script's requeue logic, run by bash with srun and scontrol stubbed: exit status 75
+    requeues the job, any other status is passed on without requeueing."""
+    script = slurm.sbatch_script(nodes=1, gpus_per_node=1, processes="per_gpu",
+                                 train_cmd=["train"], chdir=str(tmp_path), time="10:00")
+    assert "#SBATCH --requeue\n#SBATCH --signal=TERM@120\n" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nexit "$SRUN_STATUS"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    for status, requeued in ((75, True), (1, False), (0, False)):
+        log = tmp_path / f"log{status}"
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+               "SRUN_STATUS": str(status), "LOG": str(log)}
+        out = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True,
+                             text=True)
+        assert out.returncode == status
+        assert (log.read_text() == "scontrol requeue 42\n") if requeued else not log.exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -289,6 +321,24 @@ esac""")
     with tarfile.open(tarball) as tar:
         assert sorted(tar.getnames()) == [".gitignore", "new.py", "pkg/a.py", "pyproject.toml"]
     os.remove(tarball)
+
+
+def test_tpu_requeue_starts_a_preempted_run_again(tmp_path):
+    # The run step exits 75 (preempted, saved) twice, then succeeds.
+    _stand_in(str(tmp_path), "gcloud", f"""\
+case "$*" in *ssh*)
+  n=$(cat "{tmp_path}/n" 2>/dev/null || echo 0); echo $((n + 1)) > "{tmp_path}/n"
+  if [ "$n" -lt 2 ]; then exit 75; fi;;
+esac""")
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    args = ["tpu", "--name", "t", "--zone", "z", "--steps", "run", "--requeue", "2", "--",
+            "--config", "c.py", "--workdir", "/w"]
+    out = _launch(*args, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("starting the run again") == 2
+    (tmp_path / "n").unlink()
+    out = _launch(*[a if a != "2" else "1" for a in args], env=env)  # One requeue is too few.
+    assert out.returncode == 75 and out.stdout.count("starting the run again") == 1
 
 
 def test_tpu_stops_at_a_failing_step_and_says_how_to_delete(tmp_path):

@@ -129,3 +129,14 @@ def test_reward_from_a_module():
     config.grpo.reward_functions = {"accuracy": "tests.rewards.test_rewards:short_answer"}
     with pytest.raises(ValueError, match="built-in"):
         grpo.GRPOTask(config, pipeline.make_tokenizer(config.tokenizer))
+
+
+@pytest.mark.parametrize("qtype", ["closed", "multiple_choice", "counting", "size", "box",
+                                   "open", None])
+def test_empty_prediction_is_never_right(qtype):
+    from medvl_jax.rewards import accuracy
+
+    assert accuracy.is_correct("", "yes", qtype) is False
+    assert acc(["<answer></answer>", "<answer> </answer>"], ["yes", "yes"], qtype) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="empty reference"):
+        accuracy.is_correct("", " ", qtype)

@@ -5,6 +5,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -59,11 +60,89 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
 def test_too_many_non_finite_steps_in_a_row_abort(tmp_path):
     # Two bad steps, a good one, then three bad ones: only the second run trips the limit.
     cfg = tiny.config(steps=8, max_nonfinite_in_a_row=3, log_every=4)
-    with pytest.raises(FloatingPointError, match=r"3 steps in a row had a non-finite loss or "
-                                                 r"gradient \(by step 8"):
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row had a non-finite loss, "
+                                                 r"gradient or update \(by step 8"):
         loop.train(cfg, str(tmp_path), tiny.TinyTask(), data_iter_fn=_poisoned({0, 1, 3, 4, 5}))
     rows = _rows(str(tmp_path))
     assert [r["step"] for r in rows] == [4, 8] and rows[-1]["skipped_nonfinite"] == 5
+
+
+def test_huge_lr_keeps_the_last_finite_checkpoint_restorable(tmp_path):
+    """lr=1e30: the first update makes the weights ~1e30 (finite), every later loss is
+    non-finite. With keep_checkpoints=1 and a save every step, the checkpoint of the good run
+    is neither rotated away nor shadowed: the run stops, the diverged checkpoints are moved
+    aside, and a resume starts from the good one."""
+    wd = str(tmp_path)
+    loop.train(tiny.config(steps=4, checkpoint_every=2), wd, tiny.TinyTask(),
+               data_iter_fn=tiny.data_iter)
+    good_step, good_params = _params(wd)
+    cfg = tiny.config(steps=20, checkpoint_every=1, keep_checkpoints=1,
+                      max_nonfinite_in_a_row=3, log_every=1)
+    cfg.optim.lr = 1e30
+    with pytest.raises(FloatingPointError, match=r"newest good checkpoint, step 4"):
+        loop.train(cfg, wd, tiny.TinyTask(), data_iter_fn=tiny.data_iter)
+    rows = [r for r in _rows(wd) if r["step"] > 4]
+    assert np.isfinite(rows[0]["loss"]) and not np.isfinite(rows[1]["loss"])
+    assert good_step == 4 and _params(wd)[0] == 4
+    jax.tree.map(np.testing.assert_array_equal, _params(wd)[1], good_params)
+    aside = sorted(os.listdir(os.path.join(wd, "checkpoints_nonfinite")))
+    assert aside and all(int(s) > 4 for s in aside)
+    # Every checkpoint written holds finite weights, the diverged ones too (~1e30).
+    mngr = ckpt_lib.CheckpointManager(os.path.join(wd, "checkpoints_nonfinite"))
+    for s in mngr._mngr.all_steps():
+        leaves = jax.tree.leaves(mngr.restore_state(s)["params"])
+        assert all(np.isfinite(x).all() for x in leaves)
+        assert max(np.abs(x).max() for x in leaves) > 1e20
+
+
+def test_update_that_overflows_the_weights_is_not_applied():
+    """A finite loss and gradient whose update overflows float32 (an optimizer scaling the
+    gradient by 1e30 twice): the step is rejected and counted, the weights stay as they were."""
+    import optax
+    from medvl_jax.train import state as state_lib
+
+    task = tiny.TinyTask()
+    big = jnp.float32(1e30)
+    tx = optax.stateless(lambda g, p: jax.tree.map(lambda x: x * big * big, g))
+    batch = next(tiny.data_iter(tiny.config()))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), task.init(jax.random.key(0), batch),
+                          is_leaf=lambda x: hasattr(x, "value"))
+    grads = jax.grad(lambda p: task.loss(p, batch, None)[0])(params)
+    assert any((np.asarray(g) != 0).any() for g in jax.tree.leaves(grads))  # So p - inf*g.
+    step = jax.jit(loop.make_train_step(task, tx, lambda s: 1.0, 1))
+    new, m = step(state_lib.new_state(params, tx), batch, jax.random.key(1))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert int(new.nonfinite_total) == 1 and int(new.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, new.params, params)
+
+
+def test_loss_spike_is_not_applied(tmp_path):
+    """skip_loss_spikes=2: after 20 applied steps, a step whose loss exceeds 2 x the median of
+    the applied losses before it is not applied and is counted. Batches 22 and 24 have every
+    label shifted (a confidently wrong batch, a loss spike)."""
+
+    def shifted(bad):
+        def fn(config, *, process_index=0, process_count=1):
+            d = config.data
+            ds = grain.MapDataset.source(tiny._examples(d.num_examples, d.seed))
+            ds = ds.shuffle(seed=d.seed).repeat(None).batch(d.batch_size, drop_remainder=True)
+            return iter(ds.map_with_index(
+                lambda i, b: {**b, "y": (b["y"] + 1) % tiny.CLASSES} if i in bad else b))
+        return fn
+
+    wd = str(tmp_path)
+    loop.train(tiny.config(steps=26, skip_loss_spikes=2.0, log_every=1), wd, tiny.TinyTask(),
+               data_iter_fn=shifted({22, 24}))
+    rows = _rows(wd)
+    applied, want = [], []
+    for r in rows:  # The rule, in NumPy, from the logged losses.
+        spike = len(applied) >= 20 and r["loss"] > 2.0 * np.median(applied[-100:])
+        want.append(float(spike))
+        if not spike:
+            applied.append(r["loss"])
+    assert [r["loss_spike"] for r in rows] == want
+    assert want[22] == want[24] == 1.0 and sum(want) == 2
+    assert rows[-1]["skipped_spikes"] == 2 and rows[-1]["skipped_nonfinite"] == 0
 
 
 def test_config_typo_fails_fast_naming_the_key(tmp_path):

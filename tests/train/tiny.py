@@ -4,8 +4,9 @@ The data is a grain MapDataset (shuffled per epoch, repeated, batched), so its i
 is real. Labels are ``argmax(x @ W_true)`` for a fixed random ``W_true``. The parameters carry
 logical axis names so sharding follows medvl_jax.parallel.rules.
 
-Run as a script (``python -m tests.train.tiny WORKDIR STEPS [SIGTERM_AT]``) it trains in
-``WORKDIR``; with SIGTERM_AT it sends itself SIGTERM while fetching that step's batch. With
+Run as a script (``python -m tests.train.tiny WORKDIR STEPS [SIGTERM_AT | stall]``) it trains
+in ``WORKDIR``; with SIGTERM_AT it sends itself SIGTERM while fetching that step's batch; with
+``stall`` the data blocks forever after two batches (prints STALLED when it does). With
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set it is one process of a
 multi-process job.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import flax.linen as nn
 import grain
@@ -132,6 +134,18 @@ class _SigtermAt(grain.DatasetIterator):
         self._it.set_state(state)
 
 
+class _StallAfter(_SigtermAt):
+    """Passes ``at`` batches through, then blocks forever (a hung file system)."""
+
+    def __next__(self):
+        self._n += 1
+        if self._n > self._at:
+            print("STALLED", flush=True)
+            while True:
+                time.sleep(1)
+        return next(self._it)
+
+
 if __name__ == "__main__":
     if "JAX_COORDINATOR_ADDRESS" in os.environ:  # A local multi-process run (gloo on CPU).
         from medvl_jax.parallel import mesh as mesh_lib
@@ -139,12 +153,14 @@ if __name__ == "__main__":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         mesh_lib.maybe_initialize_distributed()
     workdir, steps = sys.argv[1], int(sys.argv[2])
-    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    mode = sys.argv[3] if len(sys.argv) > 3 else None
     cfg = config(steps=steps, checkpoint_every=2)
 
     def data_fn(c, **kw):
         it = data_iter(c, **kw)
-        return _SigtermAt(it, kill_at) if kill_at else it
+        if mode == "stall":
+            return _StallAfter(it, 2)
+        return _SigtermAt(it, int(mode)) if mode else it
 
     task = TinyTask()
     out = loop.train(cfg, workdir, task, evaluators={"val": Validation(task)},
