@@ -119,13 +119,16 @@ def evaluate(task, model_params, examples: Sequence[dict],
     config's data section) says how baselines read images. ``progress(done, total)`` is
     called after each generated batch.
 
-    Returns ``{"benchmark", "split", "num_examples", "conditions", "protocols": {name:
-    {"protocol", "version", "description", "conditions": {condition: {"per_type",
-    "overall", "num_questions"[, "report_metrics"]}}}}, "predictions": {name: {condition:
-    [row, ...]}}}``; a row is ``{"id", "type", "prediction" (generated), "parsed",
+    With ``data_config.skip_bad_examples`` examples whose images cannot be read are left out
+    and counted in ``skipped_examples`` (see :func:`_readable`).
+
+    Returns ``{"benchmark", "split", "num_examples", "skipped_examples", "conditions",
+    "protocols": {name: {"protocol", "version", "description", "conditions": {condition:
+    {"per_type", "overall", "num_questions"[, "report_metrics"]}}}}, "predictions": {name:
+    {condition: [row, ...]}}}``; a row is ``{"id", "type", "prediction" (generated), "parsed",
     "answer", "score", "protocol", "version", "condition"}``.
     """
-    examples = list(examples)
+    examples, skipped = _readable(list(examples), data_config)
     if not examples:
         raise ValueError(f"no examples to evaluate (benchmark {benchmark!r}, split {split!r})")
     protocols = list(protocols)
@@ -177,7 +180,8 @@ def evaluate(task, model_params, examples: Sequence[dict],
             progress(k + 1, len(batches))
 
     out = {"benchmark": benchmark, "split": split, "num_examples": len(examples),
-           "conditions": conditions, "protocols": {}, "predictions": {}}
+           "skipped_examples": skipped, "conditions": conditions, "protocols": {},
+           "predictions": {}}
     for p in protocols:
         entry = {**p.stamp(), "description": p.description, "conditions": {}}
         out["predictions"][p.name] = {}
@@ -193,6 +197,29 @@ def evaluate(task, model_params, examples: Sequence[dict],
             out["predictions"][p.name][cond] = rows
         out["protocols"][p.name] = entry
     return out
+
+
+def _readable(examples: list[dict], data_config) -> tuple[list[dict], int]:
+    """With ``data.skip_bad_examples``: the examples whose images read, through the training
+    pipeline's guard (each bad one printed with its record, counted, the ceiling
+    ``data.max_skip_fraction`` applied), and how many were dropped. Without it: all of them (a
+    bad image is then an error naming its record when its batch is built)."""
+    if data_config is None or not data_config.get("skip_bad_examples"):
+        return examples, 0
+    from medvl_jax.data import pipeline
+    from medvl_jax.data.errors import SkipCounter, guarded
+
+    skips = SkipCounter(float(data_config.get("max_skip_fraction", 1.0)))
+
+    def check(ex, rng):
+        pipeline.decode_images(ex, data_config)
+        return ex
+
+    check = guarded(check, skips, first_stage=True)
+    kept = [ex for ex in examples if check(ex, None) is not None]
+    if skips.total:
+        print(f"evaluation: {skips.summary()}")
+    return kept, len(examples) - len(kept)
 
 
 def summarise(rows: Sequence[dict], examples: Sequence[dict]) -> dict:

@@ -256,6 +256,19 @@ def test_errors():
                          max_new_tokens=5, data_config=None)
 
 
+def test_unreadable_images_are_skipped_and_counted_with_skip_bad_examples(tmp_path, capsys):
+    bad = {**_example(9, "closed", "yes"), "images": [str(tmp_path / "gone.png")]}
+    bad["meta"] = {**bad["meta"], "where": "qa.jsonl:10"}
+    policy = ScriptedPolicy()
+    assert harness._readable([bad], policy.config.data) == ([bad], 0)  # Not asked to skip.
+    policy.config.data.skip_bad_examples = True
+    policy.config.data.max_skip_fraction = 1.0
+    res = _scripted(policy, QA + [bad], [P.get("exact")])
+    assert res["num_examples"] == len(QA) and res["skipped_examples"] == 1
+    assert [r["id"] for r in res["predictions"]["exact"]["real"]] == [e["id"] for e in QA]
+    assert "qa.jsonl:10" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # A real (tiny, untrained) VLM through the KV-cache sampler.
 # ---------------------------------------------------------------------------------------------
