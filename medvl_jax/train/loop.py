@@ -12,8 +12,8 @@ is saved with every checkpoint, so a resumed run continues bit-exactly (on CPU).
 
 Guards (see also :mod:`medvl_jax.train.guards`):
 
-* a step whose loss, gradient norm or updated weights/optimizer moments are not finite
-  applies no update (decided inside the jitted step, so nothing syncs for it) and is counted
+* a step whose loss, gradient norm or update norm is not finite (an absurd learning rate
+  overflows the latter before any weight does) applies no update (decided inside the jitted step, so nothing syncs for it) and is counted
   in the state; when ``train.max_nonfinite_in_a_row`` such steps follow each other the run
   stops with a FloatingPointError at the next log line;
 * the state is therefore always finite; a checkpoint of it counts as *good* once the step
@@ -134,8 +134,8 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
     With ``grad_accum = k`` the batch is split into k equal microbatches, taken with stride k
     (rows i, i+k, ...) so that each one stays spread over all data-parallel devices; loss,
     metrics and gradients are averaged over a ``lax.scan``. The update is skipped (state kept,
-    counters raised) when the loss, the gradient norm, or any updated parameter or optimizer
-    moment is not finite. With ``max_loss`` (a scalar; see guards.SpikeGuard) a step whose
+    counters raised) when the loss, the gradient norm or the update's norm is not finite
+    (so no parameter can become non-finite). With ``max_loss`` (a scalar; see guards.SpikeGuard) a step whose
     loss exceeds it is not applied either (metric ``loss_spike``; not a non-finite step).
 
     ``labels`` (:func:`optim.param_labels`): parameters labelled "frozen" are behind a
@@ -183,9 +183,11 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
         gnorm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        # A finite gradient can still make weights overflow (a huge learning rate): checked too.
-        finite = (jnp.isfinite(loss) & jnp.isfinite(gnorm) & _all_finite(new_params)
-                  & _all_finite(new_opt))
+        # A finite gradient can still make an update that overflows the weights (a huge
+        # learning rate): the update's norm is checked too (one fused reduction, like the
+        # gradient's; it is not finite for any update with an element above ~1.8e19).
+        unorm = optax.global_norm(updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(unorm)
         apply = finite
         extra = {}
         if max_loss is not None:
@@ -208,13 +210,6 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
         return new_state, metrics
 
     return step
-
-
-def _all_finite(tree) -> jnp.ndarray:
-    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 # ---------------------------------------------------------------------------------------------
