@@ -124,9 +124,8 @@ class SkipCounter:
                 list(self.examples)
         if not n:
             return "no bad records"
-        text = (f"skipped {n} bad record(s) ({', '.join(f'{r}: {c}' for r, c in sorted(reasons.items()))}); "
-                f"first: " + "; ".join(shown))
-        return text
+        by_reason = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items()))
+        return f"skipped {n} bad record(s) ({by_reason}); first: " + "; ".join(shown)
 
     def state(self) -> dict:
         """JSON-able counts, saved with checkpoints."""

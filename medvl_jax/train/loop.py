@@ -13,8 +13,8 @@ is saved with every checkpoint, so a resumed run continues bit-exactly (on CPU).
 Guards (see also :mod:`medvl_jax.train.guards`):
 
 * a step whose loss, gradient norm or update norm is not finite (an absurd learning rate
-  overflows the latter before any weight does) applies no update (decided inside the jitted step, so nothing syncs for it) and is counted
-  in the state; when ``train.max_nonfinite_in_a_row`` such steps follow each other the run
+  overflows the latter before any weight does) applies no update (decided inside the
+  jitted step, so nothing syncs for it) and is counted in the state; when ``train.max_nonfinite_in_a_row`` such steps follow each other the run
   stops with a FloatingPointError at the next log line;
 * the state is therefore always finite; a checkpoint of it counts as *good* once the step
   after it is finite too. Rotation (``train.keep_checkpoints``) never deletes the
@@ -135,8 +135,9 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
     (rows i, i+k, ...) so that each one stays spread over all data-parallel devices; loss,
     metrics and gradients are averaged over a ``lax.scan``. The update is skipped (state kept,
     counters raised) when the loss, the gradient norm or the update's norm is not finite
-    (so no parameter can become non-finite). With ``max_loss`` (a scalar; see guards.SpikeGuard) a step whose
-    loss exceeds it is not applied either (metric ``loss_spike``; not a non-finite step).
+    (so no parameter can become non-finite). With ``max_loss`` (a scalar; see
+    guards.SpikeGuard) a step whose loss exceeds it is not applied either (metric
+    ``loss_spike``; not a non-finite step).
 
     ``labels`` (:func:`optim.param_labels`): parameters labelled "frozen" are behind a
     ``stop_gradient``, so their weight gradients are never computed (a LoRA run does not pay
