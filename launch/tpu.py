@@ -13,7 +13,7 @@ Steps (``--steps``, comma-separated, in this order; default ``create,copy,instal
   packed into a tarball, copied to every worker with ``tpu-vm scp --worker=all`` and unpacked
   into ``~/medvl_jax``; or, with ``--git_url``, every worker clones the repository and checks
   out ``--git_ref``.
-* ``install``: ``pip install -e . "jax[tpu]"`` on every worker.
+* ``install``: ``pip install -e ".[tpu]"`` on every worker.
 * ``run``: ``python3 -m medvl_jax.train ARGS`` on every worker (``tpu-vm ssh --worker=all``)
   with ``MEDVL_JAX_DISTRIBUTED=1``, so each process calls ``jax.distributed.initialize()``
   and JAX finds its peers from the TPU metadata. ``--detach`` leaves it running in the
@@ -21,6 +21,10 @@ Steps (``--steps``, comma-separated, in this order; default ``create,copy,instal
   With ``--requeue N`` a run that exits with status 75 (the trainer saved after a SIGTERM,
   e.g. a maintenance event) is started again, up to N times; it resumes from its checkpoint.
 * ``delete``: deletes the TPU (or the queued resource and its TPU).
+
+``--plan`` first compiles the training step for the slice's topology here, on this machine
+(``python -m medvl_jax.plan``, needs the ``tpu`` extra), and creates nothing when it does not
+fit: an out-of-memory found before the slice is paid for.
 
 The workdir must be a path every worker sees (a shared file system): all workers write one
 checkpoint together. ``--dry_run`` prints every command and runs none.
@@ -43,7 +47,7 @@ DEFAULT_STEPS = "create,copy,install,run"
 REMOTE_DIR = "medvl_jax"            # ~/medvl_jax on every worker.
 REMOTE_TARBALL = "medvl_jax.tar.gz"
 REMOTE_LOG = "medvl_jax_train.log"
-DEFAULT_INSTALL = 'python3 -m pip install -q -e . "jax[tpu]"'
+DEFAULT_INSTALL = 'python3 -m pip install -q -e ".[tpu]"'
 
 # The TPU software version JAX wants, by generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIME_VERSIONS = (("v6e", "v2-alpha-tpuv6e"), ("v5p", "v2-alpha-tpuv5"),
@@ -101,6 +105,47 @@ class Commands:
     def delete_queued(self) -> list[str]:
         return ["gcloud", "compute", "tpus", "queued-resources", "delete", self.name,
                 *self._tail, "--force", "--quiet"]
+
+
+# Chips per topology: v5e/v6e slices are 2D and named by chips, v4/v5p slices 3D and named by
+# TensorCores (two per chip).
+_TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+                  256: "16x16"}
+_TOPOLOGIES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
+                  128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+
+
+def topology_for(accelerator_type: str) -> str:
+    """The topology name ``python -m medvl_jax.plan`` takes for an accelerator type:
+    ``v5litepod-16`` -> ``v5e:4x4``, ``v4-32`` -> ``v4:2x2x4``, ``v5p-64`` -> ``v5p:2x4x4``."""
+    generation, _, count = accelerator_type.lower().partition("-")
+    if not count.isdigit():
+        raise ValueError(f"accelerator type {accelerator_type!r} is not GENERATION-COUNT")
+    n = int(count)
+    if generation in ("v5litepod", "v5e", "v6e"):
+        name, table, chips = ("v6e" if generation == "v6e" else "v5e"), _TOPOLOGIES_2D, n
+    elif generation in ("v4", "v5p"):
+        name, table, chips = generation, _TOPOLOGIES_3D, n // 2
+    else:
+        raise ValueError(f"no planning topology for {accelerator_type!r} (v4, v5p, v5e, v6e)")
+    if chips not in table:
+        raise ValueError(f"no standard topology for {accelerator_type!r} ({chips} chips)")
+    return f"{name}:{table[chips]}"
+
+
+def plan_command(accelerator_type: str, train_args: Sequence[str]) -> list[str]:
+    """``python -m medvl_jax.plan`` for the slice, with the training command's config and
+    ``--config.*`` overrides (its workdir dropped)."""
+    args, skip = [], False
+    for a in train_args:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("--workdir="):
+            args.append(a)
+    return [sys.executable, "-m", "medvl_jax.plan", "--topology",
+            topology_for(accelerator_type), *args]
 
 
 def unpack_command() -> str:
@@ -197,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll_s", type=float, default=30.0, help="queued resource polling period")
     p.add_argument("--wait_timeout_s", type=float, default=24 * 3600.0,
                    help="give up waiting for a queued resource after this long")
+    p.add_argument("--plan", action="store_true",
+                   help="compile the step for the slice's topology here first (python -m "
+                        "medvl_jax.plan); create nothing if it does not fit")
     p.add_argument("--dry_run", action="store_true", help="print the commands; run none")
     return p
 
@@ -222,6 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return common.run(cmd, dry_run=dry)
 
     try:
+        if args.plan:
+            common.require_train_args(parser, train_args)
+            try:
+                command = plan_command(args.accelerator_type, train_args)
+            except ValueError as e:
+                parser.error(str(e))
+            print(f"# plan {args.accelerator_type} here before creating it")
+            run(command)
         if "create" in steps:
             print(f"# create {args.accelerator_type} ({runtime})")
             if args.queued:

@@ -159,6 +159,17 @@ def _generate(params, tokens, input_mask, mask_ar, images, rng, temperature, top
     return state["tokens"], state["logprobs"], state["lengths"], state["done"]
 
 
+def sampling_program(config: ModelConfig, max_new_tokens: int):
+    """``(fn, extra)``: the jitted sampling program as ``fn(params, tokens, input_mask, mask_ar,
+    images, *extra)``, and ``extra`` (rng, temperature 1, no top-k/top-p, eight stop-token
+    slots, pad id) as values. What :func:`generate` runs; planners lower it for other
+    devices and count its FLOPs."""
+    fn = functools.partial(_generate, config=config, max_new_tokens=int(max_new_tokens))
+    extra = (jax.random.key(0), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),
+             jnp.full((8,), -1, jnp.int32), jnp.int32(0))
+    return fn, extra
+
+
 def generate(config: ModelConfig, params: Any, tokens: Any, input_mask: Any | None = None, *,
              images: Any | None = None, mask_ar: Any | None = None, max_new_tokens: int = 32,
              rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,

@@ -31,6 +31,7 @@ Guards (see also :mod:`medvl_jax.train.guards`):
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import time
@@ -40,7 +41,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from medvl_jax.models import lora as lora_lib
@@ -213,6 +213,48 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_schedule: optax.S
     return step
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What :func:`build_step` gives: the loop runs ``step``; ``python -m medvl_jax.plan``
+    lowers and compiles the same ``step`` for a TPU topology.
+
+    ``dummy``: zeros shaped like this process's batch; ``target``: the shape-only state with
+    its shardings attached (what a checkpoint is restored onto); ``step(state, batch,
+    step_rng[, max_loss])``: jitted with explicit shardings and the state donated.
+    """
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    params_shape: Any
+    target: Any
+    shardings: Any
+    batch_sharding: Any
+    dummy: dict
+    step: Callable
+
+
+def build_step(config: ml_collections.ConfigDict, task, mesh, *,
+               spike_guard: bool = False) -> StepParts:
+    """The optimizer, the state's shapes and shardings on ``mesh`` (nothing allocated) and the
+    jitted train step, exactly as :func:`train` runs them. ``spike_guard``: the step takes
+    the loss-spike threshold as a fourth argument (``train.skip_loss_spikes > 0``)."""
+    tc, oc = config.train, optim_config(config)
+    init_rng, _ = run_keys(tc.seed)
+    dummy = task.dummy_batch(int(config.data.batch_size) // jax.process_count())
+    _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
+    tx, lr_schedule = optim.make_optimizer(oc, params_shape, tc.steps)
+    target, shardings = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    replicated = rules_lib.replicated(mesh)
+    step = jax.jit(
+        make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh,
+                        labels=optim.param_labels(params_shape, oc)),
+        in_shardings=(shardings, batch_sharding, replicated) + (
+            (replicated,) if spike_guard else ()),
+        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return StepParts(tx=tx, lr_schedule=lr_schedule, params_shape=params_shape, target=target,
+                     shardings=shardings, batch_sharding=batch_sharding, dummy=dummy, step=step)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +306,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     validate_config(config.train, default_config(), prefix="train.")
     validate_config(config.optim, optim.default_config(), prefix="optim.")
     tc = config.train
-    oc = optim_config(config)
     if lora_lib.enabled(lora_lib.get_config(config)):  # Pretrained weights never hold factors.
         fresh = f"^{lora_lib.LORA_KEY}/" + (f"|(?:{fresh})" if fresh else "")
     os.makedirs(workdir, exist_ok=True)
@@ -280,12 +321,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     data_iter = _data_iterator(config, task, data_iter_fn, skips)
     spikes = guards.SpikeGuard(tc.skip_loss_spikes)
 
-    # --- optimizer and state: shapes first, then shardings, then a sharded init -------------
+    # --- optimizer, state shapes and shardings, the jitted step ---------------------------
+    parts = build_step(config, task, mesh, spike_guard=spikes.enabled)
     init_rng, step_rng = run_keys(tc.seed)
-    dummy = task.dummy_batch(bs // jax.process_count())
-    _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
-    tx, lr_schedule = optim.make_optimizer(oc, params_shape, tc.steps)
-    target, shardings = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
 
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                          keep=tc.keep_checkpoints,
@@ -293,24 +331,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     meta = ckpt_lib.metadata(config, task.name)
     latest = manager.latest_step()
     if latest is not None:
-        state, saved_meta = manager.restore(latest, target, data_iter)
+        state, saved_meta = manager.restore(latest, parts.target, data_iter)
         ckpt_lib.check_compatible(saved_meta, meta)
         skips.restore(saved_meta.get("skips"))
         spikes.restore(saved_meta.get("spikes"))
         print(f"resumed from step {latest} in {workdir}")
     else:
-        state, _ = state_lib.init_state(task.init, tx, mesh, init_rng, dummy,
+        state, _ = state_lib.init_state(task.init, parts.tx, mesh, init_rng, parts.dummy,
                                         pretrained=pretrained, fresh=fresh)
-
-    # --- the jitted step: explicit shardings, donated state, compiled once ------------------
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    replicated = rules_lib.replicated(mesh)
-    step_jit = jax.jit(
-        make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh,
-                        labels=optim.param_labels(params_shape, oc)),
-        in_shardings=(shardings, batch_sharding, replicated) + (
-            (replicated,) if spikes.enabled else ()),
-        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    batch_sharding = parts.batch_sharding
+    step_jit = parts.step
     step_fn = None
 
     # --- metrics ----------------------------------------------------------------------------

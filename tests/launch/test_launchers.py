@@ -236,7 +236,7 @@ def test_tpu_dry_run_queued_resource_all_steps():
         f"~/medvl_jax && mkdir -p ~/medvl_jax && tar -xzf ~/medvl_jax.tar.gz -C ~/medvl_jax'",
         "# install on every worker",
         f"gcloud compute tpus tpu-vm ssh medvl-v4 {tail} --worker=all --command 'cd "
-        f"~/medvl_jax && python3 -m pip install -q -e . \"jax[tpu]\"'",
+        f"~/medvl_jax && python3 -m pip install -q -e \".[tpu]\"'",
         "# run on every worker",
         f"gcloud compute tpus tpu-vm ssh medvl-v4 {tail} --worker=all --command 'cd "
         f"~/medvl_jax && export MEDVL_JAX_DISTRIBUTED=1 && python3 -m medvl_jax.train "
@@ -350,6 +350,32 @@ def test_tpu_stops_at_a_failing_step_and_says_how_to_delete(tmp_path):
     assert len((tmp_path / "calls.log").read_text().splitlines()) == 1  # Stopped at install.
     assert "the TPU is kept; delete it with: gcloud compute tpus tpu-vm delete t --zone=z " \
            "--quiet" in out.stderr
+
+
+@pytest.mark.parametrize("accelerator,topology", [
+    ("v5litepod-16", "v5e:4x4"), ("v5e-4", "v5e:2x2"), ("v6e-64", "v6e:8x8"),
+    ("v4-32", "v4:2x2x4"), ("v5p-8", "v5p:2x2x1"), ("v5p-128", "v5p:4x4x4")])
+def test_tpu_plan_topology_of_an_accelerator_type(accelerator, topology):
+    from launch import tpu
+
+    assert tpu.topology_for(accelerator) == topology
+
+
+def test_tpu_plan_runs_first_and_a_failed_plan_creates_nothing(tmp_path):
+    from launch import tpu
+
+    assert tpu.plan_command("v5p-16", ["--config", "c.py", "--workdir", "/w",
+                                       "--config.optim.lr=1e-4"])[1:] == [
+        "-m", "medvl_jax.plan", "--topology", "v5p:2x2x2", "--config", "c.py",
+        "--config.optim.lr=1e-4"]
+    _stand_in(str(tmp_path), "gcloud", "")
+    out = _launch("tpu", "--name", "t", "--zone", "z", "--accelerator_type", "v5p-16",
+                  "--plan", "--", "--config", str(tmp_path / "missing.py"), "--workdir", "/w",
+                  env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "# plan v5p-16 here before creating it" in out.stdout
+    assert "missing.py" in out.stderr
+    assert not (tmp_path / "calls.log").exists()  # No gcloud call: nothing created.
 
 
 # ---------------------------------------------------------------------------------------------
