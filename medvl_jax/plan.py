@@ -47,15 +47,16 @@ class Chip:
     hbm_bytes: int
     peak_flops: float
     cores: int
+    hbm_bandwidth: float  # Bytes/s per chip.
 
 
-# device_kind -> chip (public Cloud TPU specifications).
+# device_kind -> chip (public Cloud TPU specifications; bf16 peak).
 CHIPS = {
-    "TPU v3": Chip("v3", 32 * GiB, 123e12, 2),
-    "TPU v4": Chip("v4", 32 * GiB, 275e12, 2),
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 1),
-    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1),
+    "TPU v3": Chip("v3", 32 * GiB, 123e12, 2, 900e9),
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 2, 1228e9),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 1, 819e9),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2, 2765e9),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1, 1640e9),
 }
 
 _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
@@ -306,8 +307,8 @@ def compile_step(config, devices, task=None) -> dict:
     # Useful work: value_and_grad of the loss without remat, over the whole global batch.
     counted = task if given else _build_task(_no_remat(config))[1]
     train_flops = flops_lib.train_flops(
-        counted.loss, parts.params_shape, {**parts.dummy, **task.global_stats(parts.dummy)},
-        rng)
+        lambda p, b, r: counted.loss(p, {**b, **counted.global_stats(b)}, r),
+        parts.params_shape, batch, rng)
     record = {
         "task": task.name,
         "mesh": dict(mesh.shape),
@@ -380,12 +381,17 @@ def summarise(record: dict, devices, headroom: float) -> dict:
     out = dict(record, chip=chip.name, devices=n, hbm_bytes_per_device=int(hbm),
                peak_flops_per_device=peak, total_bytes_per_device=int(total),
                headroom=headroom, fits=not oom and bool(total <= (1 - headroom) * hbm))
-    if cost.get("optimal_seconds") and cost.get("flops"):
-        # The cost model counts a loop body once: scale its time by the FLOPs it missed.
+    if cost.get("flops"):
+        # The cost model counts a loop body once: scale by the FLOPs it missed.
         scale = max(1.0, flops_dev / cost["flops"])
-        seconds = cost["optimal_seconds"] * scale
+        if cost.get("optimal_seconds", 0) > 0:
+            seconds, source = cost["optimal_seconds"] * scale, "XLA's TPU cost model"
+        else:  # No cost model for this chip: the roofline (compute or HBM traffic bound).
+            seconds = max(flops_dev / peak,
+                          cost.get("bytes accessed", 0) * scale / chip.hbm_bandwidth)
+            source = "the roofline (FLOPs / peak, bytes accessed / HBM bandwidth)"
         out["estimate"] = {"step_seconds": seconds, "mfu": flops_dev / seconds / peak,
-                           "loop_correction": scale}
+                           "loop_correction": scale, "source": source}
     return out
 
 
@@ -459,7 +465,7 @@ def format_plan(p: dict) -> str:
     ]
     est = p.get("estimate")
     if est:
-        lines.append(f"  ESTIMATE from XLA's TPU cost model (optimistic): step "
+        lines.append(f"  ESTIMATE from {est['source']} (optimistic): step "
                      f"{est['step_seconds'] * 1e3:.1f} ms, MFU {est['mfu']:.0%}")
     lines.append("  collectives (a loop body counted once):")
     for kind in _COLLECTIVES:

@@ -202,3 +202,13 @@ def test_cli_errors_name_the_problem(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert "--topology 'v9z:2x2'" in p.stderr and "v5e:2x2" in p.stderr
+
+
+def test_with_libtpu_and_no_tpu_jax_stays_on_cpu_quietly():
+    """The tpu extra must not make the CPU path noisier: importing medvl_jax first keeps JAX
+    from probing for TPUs that are not there."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    p = subprocess.run([sys.executable, "-c", "import medvl_jax, jax; print(jax.devices())"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "CpuDevice" in p.stdout
+    assert p.stderr == "", p.stderr

@@ -110,6 +110,7 @@ class Policy:
         self.model = VLM(self.model_config)
         self.lora_config = lora_lib.get_config(config)
         self._reference = reference_params
+        self._placed = None  # (shardings, the reference placed with them)
 
     @property
     def lora(self) -> bool:
@@ -182,7 +183,20 @@ class Policy:
                 key, _ = base.run_keys(int(self.config.train.seed))
                 self._reference = nn.unbox(jax.jit(self.init)(key, self.dummy_batch(1)))
         self._reference = jax.tree.map(np.asarray, self._reference)
-        return self._reference
+        return self._placed_like(params)
+
+    def _placed_like(self, params):
+        """The host reference, or, when ``params`` are placed arrays (outside a jit: the GRPO
+        rollout's log-prob pass), a device copy with each parameter's sharding, made once.
+        A host pytree would be sent whole to one device on every call."""
+        leaves = jax.tree.leaves(params) if params is not None else []
+        if not leaves or not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                                 for x in leaves):
+            return self._reference
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        if self._placed is None or self._placed[0] != shardings:
+            self._placed = (shardings, jax.device_put(self._reference, shardings))
+        return self._placed[1]
 
     # --- forward passes --------------------------------------------------------------------
 
