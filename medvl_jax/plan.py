@@ -326,14 +326,18 @@ def compile_step(config, devices, task=None) -> dict:
     }
     if oom:
         record["compiler_out_of_memory"] = oom["message"]
-    if task.name == "grpo":
-        record["rollout"] = compile_rollout(config, task, parts, mesh)
+    rollout = task.rollout_plan()
+    if rollout:
+        record["rollout"] = compile_rollout(config, task, parts, mesh,
+                                            int(rollout["max_new_tokens"]))
+        if rollout["reference_on_device"]:  # Sharded like the params (tasks.policy).
+            record["bytes_per_device"]["reference"] = record["bytes_per_device"]["parameters"]
     return record
 
 
-def compile_rollout(config, task, parts, mesh) -> dict:
-    """The GRPO rollout's sampler (prefill + KV-cache decode of ``grpo.max_new_tokens``
-    tokens for the global rollout batch), compiled with the policy's parameter shardings."""
+def compile_rollout(config, task, parts, mesh, max_new_tokens: int) -> dict:
+    """The rollout's sampler (prefill + KV-cache decode of ``max_new_tokens`` tokens for the
+    global rollout batch), compiled with the policy's parameter shardings."""
     import jax
 
     from medvl_jax.parallel import rules as rules_lib
@@ -347,7 +351,7 @@ def compile_rollout(config, task, parts, mesh) -> dict:
     prompt = _abstract({"tokens": one["tokens"], "input_mask": one["input_mask"],
                         "mask_ar": one["mask_ar"], "images": one["images"]},
                        parts.batch_sharding)
-    n = int(config.grpo.max_new_tokens)
+    n = max_new_tokens
     fn, extra = sampler.sampling_program(task.model_config, n)
     replicated = rules_lib.replicated(mesh)
     extra = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in extra]
@@ -375,12 +379,24 @@ def summarise(record: dict, devices, headroom: float) -> dict:
         total = m["parameters"] + m["optimizer_state"] + m["batch"] + m["temporaries"]
     else:
         total = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"]
+    total += m.get("reference", 0)  # Resident beside the step's own arguments.
     n = len(devices)
     flops_dev = record["train_flops_per_step"] / n
     cost = record["cost_model"]
     out = dict(record, chip=chip.name, devices=n, hbm_bytes_per_device=int(hbm),
                peak_flops_per_device=peak, total_bytes_per_device=int(total),
                headroom=headroom, fits=not oom and bool(total <= (1 - headroom) * hbm))
+    r = record.get("rollout")
+    if r:  # The train state and the reference stay resident while the sampler runs.
+        rm = r["bytes_per_device"]
+        rtotal = (rm["arguments"] + rm["outputs"] - rm["aliased"] + rm["temporaries"]
+                  + rm["code"] + m["optimizer_state"] + m.get("reference", 0))
+        if "compiler_out_of_memory" in r:
+            rtotal = max(rtotal, rm["temporaries"] + m["parameters"] + m["optimizer_state"]
+                         + m.get("reference", 0))
+        rfits = "compiler_out_of_memory" not in r and rtotal <= (1 - headroom) * hbm
+        out["rollout"] = dict(r, total_bytes_per_device=int(rtotal), fits=bool(rfits))
+        out["fits"] = out["fits"] and bool(rfits)
     if cost.get("flops"):
         # The cost model counts a loop body once: scale by the FLOPs it missed.
         scale = max(1.0, flops_dev / cost["flops"])
@@ -453,6 +469,8 @@ def format_plan(p: dict) -> str:
         f"    parameters        {_gib(m['parameters'])}",
         f"    optimizer state   {_gib(m['optimizer_state'])}",
         f"    batch             {_gib(m['batch'])}",
+        *([f"    frozen reference  {_gib(m['reference'])}   (the KL term's, kept on device)"]
+          if "reference" in m else []),
         f"    temporaries       {_gib(m['temporaries'])}   (activations, gradients, workspace)",
         f"    total             {_gib(p['total_bytes_per_device'])} of "
         f"{_gib(p['hbm_bytes_per_device'])} HBM -> "
@@ -477,14 +495,13 @@ def format_plan(p: dict) -> str:
         lines.append(f"    largest all-gather {big[1]} ({_gib(big[0])})")
     r = p.get("rollout")
     if r:
-        rm = r["bytes_per_device"]
-        rtotal = rm["arguments"] + rm["outputs"] - rm["aliased"] + rm["temporaries"]
-        if "compiler_out_of_memory" in r:
-            lines.append(f"  rollout DOES NOT FIT: {r['compiler_out_of_memory']}")
         lines.append(f"  rollout ({r['batch']} x {r['prompt_length']} prompt + "
-                     f"{r['max_new_tokens']} new tokens): {_gib(rtotal)} per device "
-                     f"(temporaries {_gib(rm['temporaries'])}, KV cache included), "
-                     f"{r['flops']:.3e} FLOPs at most")
+                     f"{r['max_new_tokens']} new tokens, KV cache included): "
+                     f"{_gib(r['total_bytes_per_device'])} per device with the train state "
+                     f"resident -> " + ("fits" if r["fits"] else "DOES NOT FIT")
+                     + f"; {r['flops']:.3e} FLOPs at most")
+        if "compiler_out_of_memory" in r:
+            lines.append(f"    the TPU compiler: {r['compiler_out_of_memory']}")
     for s in p.get("suggestion_trials", []):
         lines.append(f"  tried {' '.join(s['overrides'])}: {_gib(s['total_bytes_per_device'])}"
                      f" -> {'fits' if s['fits'] else 'does not fit'}")
@@ -523,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             trial = plan(args.config, list(overrides) + extra, topology=args.topology,
                          headroom=args.headroom, devices=devices)
             trials.append(trial)
+            print(f"  -> {_gib(trial['total_bytes_per_device'])} per device: "
+                  + ("fits" if trial["fits"] else "does not fit"), flush=True)
             if trial["fits"]:
                 print(format_plan(trial))
                 break

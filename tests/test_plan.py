@@ -193,6 +193,12 @@ def test_cli_plans_grpo_with_its_rollout(tmp_path):
     roll = r["rollout"]
     assert roll["batch"] == 8 and roll["max_new_tokens"] == 8
     assert roll["flops"] > 0 and roll["bytes_per_device"]["arguments"] > 0
+    # The smoke run trains every weight with the KL term: a reference copy stays on device,
+    # sharded like the params; the rollout runs beside the whole train state.
+    mem = r["bytes_per_device"]
+    assert mem["reference"] == mem["parameters"]
+    assert roll["total_bytes_per_device"] >= (mem["parameters"] + mem["optimizer_state"]
+                                              + mem["reference"])
 
 
 def test_cli_errors_name_the_problem(tmp_path):

@@ -145,6 +145,13 @@ class Task:
         del params, rng
         return local_data
 
+    def rollout_plan(self) -> dict | None:
+        """For a task that samples its batches from the current params (GRPO), what the
+        planner (:mod:`medvl_jax.plan`) compiles besides the step: ``{"max_new_tokens": n,
+        "reference_on_device": whether a frozen reference copy of the params stays on the
+        devices}``. Default: None (nothing sampled)."""
+        return None
+
     def global_stats(self, batch: Batch) -> dict:
         """Scalars of the whole global batch, computed in the step before it is split into
         microbatches and added to every microbatch the loss sees (``optim.grad_accum``).

@@ -208,6 +208,11 @@ class GRPOTask(base.Task):
         self._timings["tokens"] = self._timings.get("tokens", 0) + int(lengths.sum())
         return batch
 
+    def rollout_plan(self) -> dict:
+        g = self.config.grpo
+        return {"max_new_tokens": int(g.max_new_tokens),
+                "reference_on_device": float(g.beta) > 0 and not self.policy.lora}
+
     def prepare_batch(self, params, local_data, rng) -> dict:
         """The loop's hook: a rollout batch of the current params for a list of prompts."""
         return self.rollout(params, local_data, rng)
