@@ -251,12 +251,14 @@ def _build_task(config):
     return config, task_cls(config, tokenizer, start=start)
 
 
-def _abstract(tree, sharding):
+def _abstract(tree, sharding, rows: int):
+    """Shapes of ``tree`` (arrays of one row) with ``rows`` rows, placed with ``sharding``."""
     import jax
     import numpy as np
 
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                                       sharding=sharding), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[1:],
+                                                       np.asarray(x).dtype, sharding=sharding),
+                        tree)
 
 
 def _no_remat(config):
@@ -294,7 +296,7 @@ def compile_step(config, devices, task=None) -> dict:
     spike = float(config.train.skip_loss_spikes) > 0
     parts = loop.build_step(config, task, mesh, spike_guard=spike)
     replicated = rules_lib.replicated(mesh)
-    batch = _abstract(parts.dummy, parts.batch_sharding)
+    batch = parts.batch_shape
     rng = jax.eval_shape(lambda: run_keys(0)[1])
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
     args = (parts.target, batch, rng) + (
@@ -328,30 +330,32 @@ def compile_step(config, devices, task=None) -> dict:
         record["compiler_out_of_memory"] = oom["message"]
     rollout = task.rollout_plan()
     if rollout:
-        record["rollout"] = compile_rollout(config, task, parts, mesh,
-                                            int(rollout["max_new_tokens"]))
+        record["rollout"] = compile_rollout(config, task, parts, mesh, rollout)
         if rollout["reference_on_device"]:  # Sharded like the params (tasks.policy).
             record["bytes_per_device"]["reference"] = record["bytes_per_device"]["parameters"]
     return record
 
 
-def compile_rollout(config, task, parts, mesh, max_new_tokens: int) -> dict:
-    """The rollout's sampler (prefill + KV-cache decode of ``max_new_tokens`` tokens for the
-    global rollout batch), compiled with the policy's parameter shardings."""
+def compile_rollout(config, task, parts, mesh, rollout: dict) -> dict:
+    """The rollout's sampler (prefill + KV-cache decode of ``rollout["max_new_tokens"]``
+    tokens for the global rollout batch), compiled with the policy's parameter shardings."""
     import jax
 
     from medvl_jax.parallel import rules as rules_lib
     from medvl_jax.sampling import sampler
     from medvl_jax.train import flops as flops_lib
+    from medvl_jax.train import state as state_lib
 
-    params = task.model_params(parts.target.params)  # LoRA merged, same shapes.
-    d = task.config.data
-    bs, p = int(config.data.batch_size), int(d.max_length)
-    one = task.policy.dummy_batch(bs)
-    prompt = _abstract({"tokens": one["tokens"], "input_mask": one["input_mask"],
-                        "mask_ar": one["mask_ar"], "images": one["images"]},
-                       parts.batch_sharding)
-    n = max_new_tokens
+    # The sampled model's params (LoRA merged), placed as the state's base params are.
+    placed = state_lib.flatten(parts.target.params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=placed[state_lib.path_str(path)].sharding),
+        jax.eval_shape(task.model_params, parts.target.params))
+    bs = int(config.data.batch_size)
+    prompt = _abstract(rollout["prompt"], parts.batch_sharding, bs)
+    p = prompt["tokens"].shape[1]
+    n = int(rollout["max_new_tokens"])
     fn, extra = sampler.sampling_program(task.model_config, n)
     replicated = rules_lib.replicated(mesh)
     extra = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in extra]
@@ -398,16 +402,14 @@ def summarise(record: dict, devices, headroom: float) -> dict:
         out["rollout"] = dict(r, total_bytes_per_device=int(rtotal), fits=bool(rfits))
         out["fits"] = out["fits"] and bool(rfits)
     if cost.get("flops"):
-        # The cost model counts a loop body once: scale by the FLOPs it missed.
+        # XLA counts a loop body once: scale by the FLOPs it missed.
         scale = max(1.0, flops_dev / cost["flops"])
-        if cost.get("optimal_seconds", 0) > 0:
-            seconds, source = cost["optimal_seconds"] * scale, "XLA's TPU cost model"
-        else:  # No cost model for this chip: the roofline (compute or HBM traffic bound).
-            seconds = max(flops_dev / peak,
-                          cost.get("bytes accessed", 0) * scale / chip.hbm_bandwidth)
-            source = "the roofline (FLOPs / peak, bytes accessed / HBM bandwidth)"
-        out["estimate"] = {"step_seconds": seconds, "mfu": flops_dev / seconds / peak,
-                           "loop_correction": scale, "source": source}
+        out["roofline_seconds"] = max(flops_dev / peak, cost.get("bytes accessed", 0) * scale
+                                      / chip.hbm_bandwidth)
+        if cost.get("optimal_seconds", 0) > 0:  # None for some chips (v5e here).
+            seconds = cost["optimal_seconds"] * scale
+            out["estimate"] = {"step_seconds": seconds, "mfu": flops_dev / seconds / peak,
+                               "loop_correction": scale}
     return out
 
 
@@ -483,8 +485,13 @@ def format_plan(p: dict) -> str:
     ]
     est = p.get("estimate")
     if est:
-        lines.append(f"  ESTIMATE from {est['source']} (optimistic): step "
+        lines.append(f"  ESTIMATE from XLA's TPU cost model (optimistic): step "
                      f"{est['step_seconds'] * 1e3:.1f} ms, MFU {est['mfu']:.0%}")
+    elif "roofline_seconds" in p:
+        lines.append("  no estimate: XLA's TPU cost model gives none for this chip")
+    if "roofline_seconds" in p:
+        lines.append(f"  roofline: a step takes at least {p['roofline_seconds'] * 1e3:.1f} ms "
+                     f"(FLOPs / peak, or bytes accessed / HBM bandwidth)")
     lines.append("  collectives (a loop body counted once):")
     for kind in _COLLECTIVES:
         c = p["collectives"][kind]

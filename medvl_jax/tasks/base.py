@@ -148,8 +148,9 @@ class Task:
     def rollout_plan(self) -> dict | None:
         """For a task that samples its batches from the current params (GRPO), what the
         planner (:mod:`medvl_jax.plan`) compiles besides the step: ``{"max_new_tokens": n,
-        "reference_on_device": whether a frozen reference copy of the params stays on the
-        devices}``. Default: None (nothing sampled)."""
+        "prompt": one prompt row (tokens, input_mask, mask_ar, images), "reference_on_device":
+        whether a frozen reference copy of the params stays on the devices}``. Default: None
+        (nothing sampled)."""
         return None
 
     def global_stats(self, batch: Batch) -> dict:

@@ -210,7 +210,9 @@ class GRPOTask(base.Task):
 
     def rollout_plan(self) -> dict:
         g = self.config.grpo
+        one = self.policy.dummy_batch(1)
         return {"max_new_tokens": int(g.max_new_tokens),
+                "prompt": {k: one[k] for k in ("tokens", "input_mask", "mask_ar", "images")},
                 "reference_on_device": float(g.beta) > 0 and not self.policy.lora}
 
     def prepare_batch(self, params, local_data, rng) -> dict:

@@ -41,6 +41,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from medvl_jax.models import lora as lora_lib
@@ -218,9 +219,11 @@ class StepParts:
     """What :func:`build_step` gives: the loop runs ``step``; ``python -m medvl_jax.plan``
     lowers and compiles the same ``step`` for a TPU topology.
 
-    ``dummy``: zeros shaped like this process's batch; ``target``: the shape-only state with
-    its shardings attached (what a checkpoint is restored onto); ``step(state, batch,
-    step_rng[, max_loss])``: jitted with explicit shardings and the state donated.
+    ``dummy``: zeros shaped like one example (what the parameters are initialised with:
+    their shapes never depend on the batch size); ``batch_shape``: the global batch as
+    ``jax.ShapeDtypeStruct`` with its sharding; ``target``: the shape-only state with its
+    shardings attached (what a checkpoint is restored onto); ``step(state, batch, step_rng[,
+    max_loss])``: jitted with explicit shardings and the state donated.
     """
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
@@ -229,6 +232,7 @@ class StepParts:
     shardings: Any
     batch_sharding: Any
     dummy: dict
+    batch_shape: dict
     step: Callable
 
 
@@ -239,11 +243,14 @@ def build_step(config: ml_collections.ConfigDict, task, mesh, *,
     the loss-spike threshold as a fourth argument (``train.skip_loss_spikes > 0``)."""
     tc, oc = config.train, optim_config(config)
     init_rng, _ = run_keys(tc.seed)
-    dummy = task.dummy_batch(int(config.data.batch_size) // jax.process_count())
+    dummy = task.dummy_batch(1)  # A pod's global batch of images would not fit the host.
     _, params_shape = state_lib.abstract_params(task.init, init_rng, dummy)
     tx, lr_schedule = optim.make_optimizer(oc, params_shape, tc.steps)
     target, shardings = state_lib.abstract_state(task.init, tx, mesh, init_rng, dummy)
     batch_sharding = mesh_lib.batch_sharding(mesh)
+    batch_shape = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((int(config.data.batch_size),) + np.shape(x)[1:],
+                                       np.asarray(x).dtype, sharding=batch_sharding), dummy)
     replicated = rules_lib.replicated(mesh)
     step = jax.jit(
         make_train_step(task, tx, lr_schedule, int(config.optim.grad_accum), mesh,
@@ -252,7 +259,8 @@ def build_step(config: ml_collections.ConfigDict, task, mesh, *,
             (replicated,) if spike_guard else ()),
         out_shardings=(shardings, replicated), donate_argnums=(0,))
     return StepParts(tx=tx, lr_schedule=lr_schedule, params_shape=params_shape, target=target,
-                     shardings=shardings, batch_sharding=batch_sharding, dummy=dummy, step=step)
+                     shardings=shardings, batch_sharding=batch_sharding, dummy=dummy,
+                     batch_shape=batch_shape, step=step)
 
 
 # ---------------------------------------------------------------------------------------------
