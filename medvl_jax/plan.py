@@ -544,8 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials = []
         for extra in suggestions(run.load(args.config, overrides)):
             print(f"trying {' '.join(f'--config.{k}={v}' for k, v in extra)} ...", flush=True)
-            trial = plan(args.config, list(overrides) + extra, topology=args.topology,
-                         headroom=args.headroom, devices=devices)
+            try:
+                trial = plan(args.config, list(overrides) + extra, topology=args.topology,
+                             headroom=args.headroom, devices=devices)
+            except (ValueError, KeyError) as e:  # The task refuses the variant; say why.
+                print(f"  -> not possible: {str(e).splitlines()[0]}", flush=True)
+                continue
             trials.append(trial)
             print(f"  -> {_gib(trial['total_bytes_per_device'])} per device: "
                   + ("fits" if trial["fits"] else "does not fit"), flush=True)

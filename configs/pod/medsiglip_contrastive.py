@@ -5,11 +5,15 @@ over the devices (the batch's similarity matrix is never gathered).
 A pod-scale config (model: medvl_jax.models.presets.medsiglip_448), planned before any pod or
 checkpoint exists:
 
-    python -m medvl_jax.plan --config configs/pod/medsiglip_contrastive.py --topology v5p:4x4x4
-    python -m medvl_jax.plan --config configs/pod/medsiglip_contrastive.py --topology v5e:16x16
+    python -m medvl_jax.plan --config configs/pod/medsiglip_contrastive.py --topology v5p:4x4x8
+    python -m medvl_jax.plan --config configs/pod/medsiglip_contrastive.py --topology v5e:16x16 \
+        --config.data.batch_size=8192
 
-Reports cut to 64 tokens; bf16 compute, float32 weights and Adam moments, data parallel over
-every device with fsdp inside, layers scanned and rematerialised. The measured plan is in
+Reports cut to 64 tokens; bf16 compute, float32 weights and Adam moments, fsdp over groups of
+64 chips and data parallel across them, layers scanned and rematerialised. A contrastive loss
+cannot accumulate gradients (each microbatch would contrast only its own examples), so the
+per-chip batch is the global batch over the chips: 32k needs 128 v5p chips (256 images per
+chip); 256 v5e chips (the largest v5e slice) hold 8k, not 32k. The measured plans are in
 docs/tpu_pod.md.
 """
 import ml_collections
@@ -44,5 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = loop.default_config()
     c.train.steps = 100_000
-    c.train.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    # fsdp 64: the towers' 1,152-wide weights split evenly (1152 = 64 x 18); data over the
+    # rest (2 on 128 chips, 4 on 256).
+    c.train.mesh = {"data": -1, "fsdp": 64, "tensor": 1}
     return c
