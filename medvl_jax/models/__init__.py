@@ -4,5 +4,7 @@
 - ``layers``: RMSNorm, rotary embeddings, attention, gated MLP.
 - ``decoder``: ``DecoderConfig`` + ``Decoder`` for Llama/Mistral, Qwen2, Gemma 1/2/3; KV cache.
 - ``vision``: ``VisionConfig`` + ``VisionEncoder`` (SigLIP / CLIP ViT, 2D and tubelet 3D).
+- ``qwen_vision``: ``QwenVisionConfig`` + ``QwenVisionEncoder`` (Qwen2-VL / Qwen2.5-VL tower
+  on a padded patch budget).
 - ``vlm``: ``VLMConfig`` + ``VLM`` (vision encoder + projector + decoder).
 """

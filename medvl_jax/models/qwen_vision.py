@@ -205,8 +205,11 @@ def _gather_units(x: jnp.ndarray, order: jnp.ndarray, unit: int) -> jnp.ndarray:
     return nn.with_logical_constraint(out, ("batch",) + (None,) * (x.ndim - 1))
 
 
-def _dense(mod, name, x, shape, axes, bias_axes, spec, c):
-    w = L.param_with_axes(mod, name, nn.initializers.lecun_normal(), shape, c.param_dtype, axes)
+def _dense(mod, name, x, shape, axes, bias_axes, spec, c, n_in=1):
+    """``einsum(spec, x, w) + b``; the first ``n_in`` axes of ``w`` are its inputs (fan-in)."""
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
+                                        out_axis=tuple(range(n_in, len(shape))))
+    w = L.param_with_axes(mod, name, init, shape, c.param_dtype, axes)
     b = L.param_with_axes(mod, name + "_bias", nn.initializers.zeros,
                           tuple(shape[-len(bias_axes):]), c.param_dtype, bias_axes)
     return jnp.einsum(spec, x.astype(c.dtype), w.astype(c.dtype)) + b.astype(c.dtype)
@@ -242,7 +245,7 @@ class QwenVisionAttention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "vision_length", "vision_heads",
                                                "head_dim"))
         return _dense(self, "o", out, (*hd, c.width), ("vision_heads", "head_dim", "vision_embed"),
-                      ("vision_embed",), "bnhd,hdw->bnw", c)
+                      ("vision_embed",), "bnhd,hdw->bnw", c, n_in=2)
 
 
 class QwenVisionMLP(nn.Module):
