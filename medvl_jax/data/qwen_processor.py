@@ -99,8 +99,13 @@ def as_frames(x: Any, video: bool | None = None) -> np.ndarray:
         x = _on_white(x)
     elif c != 3:
         raise ValueError(f"frames of shape {x.shape[1:]} have {c} channels; expected 1, 3 or 4")
-    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"pixels must be uint8 (0..255) or float (0..1), got {x.dtype}")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"pixels must be uint8 (0..255) or float (0..1), got {x.dtype}")
+        lo, hi = float(np.min(x)), float(np.max(x))  # NaN propagates into both
+        if not (lo >= -1e-6 and hi <= 1 + 1e-6):
+            raise ValueError(f"float pixels must lie in [0, 1] (window/scale scans first), "
+                             f"got values in [{lo}, {hi}]")
     return x
 
 

@@ -111,6 +111,10 @@ def test_budget_padding_segments_and_shrinking():
         proc.example([large, large, _rgb(rng, 1000, 1000)[:, :, :3]], budget_tokens=2)
     with pytest.raises(ValueError, match="max_visuals=3"):
         proc.example([small] * 4)
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*\[-1000.0, 1.0\]"):
+        proc.example([np.linspace(-1000, 1, 56 * 56).reshape(56, 56)])
+    with pytest.raises(ValueError, match="nan"):
+        proc.example([np.full((56, 56), np.nan, np.float32)])
 
 
 def test_buckets_pick_the_smallest_that_holds_the_batch():
