@@ -189,7 +189,7 @@ def evaluate(task, model_params, examples: Sequence[dict],
             rows = []
             for ex, key in zip(examples, keys[(cond, p.name)]):
                 parsed, score = p.evaluate(texts[key], ex)
-                rows.append({"id": ex["id"], "type": ex["meta"]["question_type"],
+                rows.append({"id": ex["id"], "type": p.category(ex),
                              "prediction": texts[key], "parsed": parsed,
                              "answer": ex["meta"]["answer"], "score": float(score),
                              **p.stamp(), "condition": cond})

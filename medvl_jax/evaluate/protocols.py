@@ -6,17 +6,20 @@ generated text and the metric. A :class:`Protocol` fixes all four under a name a
 every result of :mod:`medvl_jax.evaluate.harness` is stamped with both. Change a rule, and the
 version changes with it.
 
-    protocol          closed (yes/no)                         open                 multiple choice
-    exact             normalised exact match                  same                 same (letter)
-    medsynth          normalised exact match                  token F1             exact (letter)
-    llava_med         reference is a substring of the         LLaVA-Med recall     as open
-                      prediction, which contains "yes" or "no"
-    llava_med_strict  exactly one of the whole words          LLaVA-Med recall     as open
-                      yes / no, and it is the reference
-    medevalkit        after extraction, exactly one of the    exact match after    letter, option
-                      substrings "yes" / "no", and the        extraction           text, or most
-                      reference is a substring                                     similar option
-    token_f1          token F1 (SQuAD-style)                  token F1             token F1
+    protocol           closed (yes/no)                        open                multiple choice
+    exact              normalised exact match                 same                same (letter)
+    medsynth           normalised exact match                 token F1            exact (letter)
+    llava_med          reference is a substring of the        LLaVA-Med recall    as open
+                       prediction, which contains yes or no
+    llava_med_batch    reference is a substring of the        LLaVA-Med recall    as open
+                       prediction
+    llava_med_strict   exactly one of the whole words         LLaVA-Med recall    as open
+                       yes / no, and it is the reference
+    medevalkit         MedEvalKit's rules per dataset (medvl_jax.evaluate.medevalkit): its
+                       prompts, extraction, yes/no, exact-match, multiple-choice and MMMU
+                       judgements, record for record, quirks included
+    medevalkit_strict  MedEvalKit's prompts, repaired judgements
+    token_f1           token F1 (SQuAD-style)                 token F1            token F1
 
 The exact rules, with their traps, are in docs/evaluation.md. Rules every protocol shares:
 ``report`` answers are scored by ROUGE-L per example (corpus BLEU, ROUGE-L, CIDEr and, for
@@ -35,18 +38,17 @@ judge ships with medvl_jax.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import difflib
 import re
 from typing import Callable, Mapping, Protocol as _Interface, Sequence
 
-from medvl_jax.evaluate import scoring
+from medvl_jax.evaluate import llava_med, medevalkit, scoring
 
 YES_NO = ("yes", "no")
 REPORT = "report"
 GEOMETRIC = ("box", "size")  # MedSynth types scored by their geometric rules everywhere.
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+IMAGE = "<image>"  # Image placeholder of the example format.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,15 @@ class Protocol:
     score: Callable[[str, dict], float]
     instruction: Callable[[dict], str] = _no_instruction
     decoding: Decoding = Decoding()
+    # Optional: the whole text of the last user message (after its image placeholders), for
+    # protocols that reproduce a script's own prompt; None keeps the example's text.
+    user_text: Callable[[dict], str | None] | None = None
+    # Optional: ``(parsed, score)`` straight from the generated text, for protocols whose
+    # judgement reads the raw response (the scripts they reproduce do); replaces parse+score.
+    verdict: Callable[[str, dict], tuple[str, float]] | None = None
+    # Optional: the row of the per-type table a question counts in (the script's own split);
+    # None: the example's question type.
+    group: Callable[[dict], str] | None = None
 
     @property
     def tag(self) -> str:
@@ -97,13 +108,25 @@ class Protocol:
         messages = [dict(m) for m in example["messages"]]
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
+        text = self.user_text(example) if self.user_text is not None else None
         extra = self.instruction(example)
-        if extra:
+        if text is not None or extra:
             users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
             if not users:
                 raise ValueError(f"example {example.get('id')!r} has no user message")
-            messages[users[-1]]["content"] = messages[users[-1]]["content"].rstrip() + "\n" + extra
+            last = messages[users[-1]]
+            if text is not None:
+                n_images = len(re.findall(re.escape(IMAGE), str(last["content"])))
+                last["content"] = f"{IMAGE}\n" * n_images + text
+            if extra:
+                last["content"] = last["content"].rstrip() + "\n" + extra
         return {**example, "messages": messages}
+
+    def category(self, example: dict) -> str:
+        """The per-type table row ``example`` counts in under this protocol."""
+        if self.group is not None and example["meta"]["question_type"] not in (REPORT,) + GEOMETRIC:
+            return self.group(example)
+        return example["meta"]["question_type"]
 
     def evaluate(self, generated: str, example: dict) -> tuple[str, float]:
         """``(parsed answer, score)`` of one generated answer to ``example``."""
@@ -114,9 +137,13 @@ class Protocol:
 
             text = generated.strip()
             return text, report_metrics.rouge_l([text], [meta["answer"]])
-        parsed = self.parse(generated, example)
         if qtype in GEOMETRIC:
+            parsed = self.parse(generated, example)
             return parsed, scoring.score(qtype, parsed, meta["answer"])
+        if self.verdict is not None:
+            parsed, value = self.verdict(generated, example)
+            return parsed, float(value)
+        parsed = self.parse(generated, example)
         return parsed, float(self.score(parsed, example))
 
 
@@ -147,171 +174,24 @@ def _token_f1(parsed: str, example: dict) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# LLaVA-Med (llava/eval/run_eval.py and its eval_metrics package).
+# LLaVA-Med (llava/eval/run_eval.py and run_eval_batch.py; medvl_jax.evaluate.llava_med).
 # --------------------------------------------------------------------------------------------
 
-# The VQA-style normaliser of LLaVA-Med's evaluation: punctuation, full stops, number words,
-# articles. (Its table restoring apostrophes, "dont" -> "don't", is left out: it changes no
-# yes/no word and no medical term.)
-_LLAVA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
-                "<", "@", "`", ",", "?", "!")
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = ("a", "an", "the")
-
-
-def llava_normalise(text: str) -> str:
-    """LLaVA-Med's answer normalisation: lower case; each punctuation mark of a fixed list is
-    deleted where it touches a space (or anywhere, if the text holds a digit-comma-digit) and
-    replaced by a space elsewhere; full stops not followed by a digit are deleted; the words
-    ``none``/``zero``..``ten`` become digits (so "none" becomes "0"); articles are dropped;
-    commas are deleted."""
-    text = text.lower()
-    delete_all = re.search(r"\d,\d", text) is not None
-    out = text
-    for p in _LLAVA_PUNCT:
-        out = out.replace(p, "" if (p + " " in text or " " + p in text or delete_all) else " ")
-    out = re.sub(r"\.(?!\d)", "", out)
-    words = [_NUMBER_WORDS.get(w, w) for w in out.split()]
-    return " ".join(w for w in words if w not in _ARTICLES).replace(",", "")
-
-
-def llava_recall(prediction: str, reference: str) -> float:
-    """LLaVA-Med's open-question "recall" over normalised words: ``tp / (tp + fn)`` where
-    ``tp`` counts the prediction's occurrences of words that the reference has and ``fn`` the
-    reference's occurrences of words the prediction lacks. For predictions that do not repeat
-    a shared word it is the fraction of reference words found in the prediction; a repeated
-    shared word counts once per repetition (as in LLaVA-Med). 0 for an empty prediction or
-    reference."""
-    cand = collections.Counter(llava_normalise(prediction).split())
-    ref = collections.Counter(llava_normalise(reference).split())
-    if not cand or not ref:
-        return 0.0
-    tp = sum(n for w, n in cand.items() if w in ref)
-    fn = sum(n for w, n in ref.items() if w not in cand)
-    return tp / (tp + fn) if tp else 0.0
-
-
-def llava_closed(prediction: str, reference: str) -> float:
-    """LLaVA-Med's closed-question rule: after :func:`llava_normalise`, the prediction
-    contains "yes" or "no" as a substring, and the reference is a substring of it. Substring
-    tests are its known flaw: "normal" and "unknown" contain "no", and "yes, no evidence of
-    ..." matches both answers. (The original script also drops such misses from the
-    denominator; here every question counts.)"""
-    p, r = llava_normalise(prediction), llava_normalise(reference)
-    return float(("yes" in p or "no" in p) and r in p)
-
-
-def _words_in(phrase: str, words: Sequence[str]) -> bool:
-    """Whether ``phrase`` occurs in ``words`` as a whole-word sequence."""
-    target = phrase.split()
-    k = len(target)
-    return k > 0 and any(list(words[i:i + k]) == target for i in range(len(words) - k + 1))
-
-
-def llava_closed_strict(prediction: str, reference: str) -> float:
-    """The strict closed rule: words after :func:`llava_normalise`. A yes/no reference is
-    correct only if exactly one of the whole words "yes"/"no" occurs and it is the reference
-    ("normal" is not "no"; "yes, no evidence of ..." is wrong whatever the reference). Any
-    other reference must occur as a whole-word sequence."""
-    words = llava_normalise(prediction).split()
-    r = llava_normalise(reference)
-    if r in YES_NO:
-        return float(("yes" in words) != ("no" in words) and r in words)
-    return float(_words_in(r, words))
-
-
-def _llava_score(closed: Callable[[str, str], float]) -> Callable[[str, dict], float]:
+def _llava_score(closed: Callable[[str, str], float],
+                 fixed: bool = False) -> Callable[[str, dict], float]:
     def score(parsed: str, example: dict) -> float:
         if example["meta"]["question_type"] == "closed":
             return closed(parsed, _answer(example))
-        return llava_recall(parsed, _answer(example))
+        return llava_med.recall(parsed, _answer(example), fixed=fixed)
     return score
 
 
 # --------------------------------------------------------------------------------------------
-# MedEvalKit (utils/utils.py, utils/question_formats.py and the per-dataset cal_metrics).
+# MedEvalKit (medvl_jax.evaluate.medevalkit: the per-dataset cal_metrics).
 # --------------------------------------------------------------------------------------------
-
-# Answer markers, tried in this order; each one present cuts the text to what follows its
-# last occurrence.
-ANSWER_MARKERS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is",
-                  "answer:", "final answer", "final answer is")
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces matched), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth, begin = 1, i
-    while i < len(text):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i]
-        i += 1
-    return text[begin:]  # Unclosed: everything after the opening brace.
-
-
-def extract_answer(text: str) -> str:
-    """MedEvalKit's answer extraction, lower-cased: the content of the last ``\\boxed{}`` if
-    there is one; otherwise, if ``<answer>`` occurs, the contents of the complete
-    ``<answer>...</answer>`` pairs joined by spaces (the whole text if none is complete);
-    then, for each of :data:`ANSWER_MARKERS` in order, the text after its last occurrence;
-    finally stripped of surrounding whitespace."""
-    t = text.lower()
-    boxed = _last_boxed(t)
-    if boxed is not None:
-        t = boxed
-    elif "<answer>" in t:
-        inside = re.findall(r"<answer>(.*?)</answer>", t, flags=re.S)
-        if inside:
-            t = " ".join(inside).strip()
-    for marker in ANSWER_MARKERS:
-        if marker in t:
-            t = t.split(marker)[-1]
-    return t.strip()
-
-
-def medevalkit_yes_no(parsed: str, reference: str) -> float:
-    """MedEvalKit's yes/no judgement: with line breaks and full stops removed, exactly one of
-    the substrings "yes"/"no" occurs and the reference is a substring. (Substrings, as in
-    MedEvalKit: "normal" counts as "no"; "yes, no evidence of ..." is wrong either way.)"""
-    r = parsed.lower().replace("\n", "").replace(".", "")
-    ref = reference.lower().strip()
-    return float((("yes" in r) != ("no" in r)) and ref in r)
-
 
 def _options(example: dict) -> list[str]:
     return [str(o) for o in example["meta"].get("options") or []]
-
-
-def choose_option(text: str, options: Sequence[str]) -> int:
-    """The index of the option MedEvalKit reads from ``text``: a lone letter in the first
-    paragraph or before the first full stop of the last one; otherwise, after
-    :func:`extract_answer`, the part before the first full stop and after the last colon,
-    read as a letter or an option's text; otherwise the option most similar to the whole
-    extracted answer (``difflib`` ratio; the first of ties)."""
-    letters = [c.lower() for c in LETTERS[:len(options)]]
-    opts = [o.lower().strip() for o in options]
-    t = text.lower()
-    paragraphs = t.split("\n\n")
-    if paragraphs[0].strip() in letters:
-        t = paragraphs[0]
-    elif paragraphs[-1].split(".")[0].strip() in letters:
-        t = paragraphs[-1].split(".")[0]
-    t = extract_answer(t).replace("\n", "")
-    head = t.split(".")[0].split(":")[-1].strip()
-    if head in letters:
-        return letters.index(head)
-    if head in opts:
-        return opts.index(head)
-    ratios = [difflib.SequenceMatcher(None, o, t).ratio() for o in opts]
-    return ratios.index(max(ratios))
 
 
 def _reference_option(example: dict) -> int | None:
@@ -333,27 +213,95 @@ def _is_choice(example: dict) -> bool:
     return example["meta"]["question_type"] == "multiple_choice" and bool(_options(example))
 
 
-def _medevalkit_parse(text: str, example: dict) -> str:
-    if _is_choice(example):
-        return LETTERS[choose_option(text, _options(example))]
-    return extract_answer(text)
+def medevalkit_record(example: dict) -> medevalkit.Record | None:
+    """The :class:`medevalkit.Record` of an example of one of MedEvalKit's datasets
+    (``meta["benchmark"]`` in :data:`medevalkit.DATASETS`), or None for other benchmarks.
+
+    Reads ``meta``: ``answer``; ``question`` (the question as the dataset words it; else the
+    last user message); ``answer_type`` and ``q_lang`` (SLAKE); ``choices`` (PMC-VQA: the
+    options as its CSV writes them, "A:CT"); ``options`` and ``answer_text`` (OmniMedVQA,
+    MMMU)."""
+    meta = example["meta"]
+    d = meta.get("benchmark")
+    if d not in medevalkit.DATASETS:
+        return None
+    question = str(meta.get("question") or question_text(example))
+    common = dict(dataset=d, question=question, answer_type=str(meta.get("answer_type", "")),
+                  lang=str(meta.get("q_lang", "en")))
+    if d == "pmc_vqa":
+        choices = meta.get("choices") or [f"{LETTERS[i]}:{o}" for i, o in
+                                          enumerate(_options(example))]
+        return medevalkit.Record(answer=_answer(example), choices=tuple(choices), **common)
+    if d == "omnimedvqa":
+        text = str(meta.get("answer_text") or _answer(example))
+        choices, answer = medevalkit.omnimedvqa_choices(_options(example), text)
+        return medevalkit.Record(answer=answer, choices=tuple(choices), **common)
+    if d == "mmmu_med":
+        kind = "multiple-choice" if _is_choice(example) else "open"
+        return medevalkit.Record(answer=_answer(example), choices=tuple(_options(example)),
+                                 kind=kind, **common)
+    return medevalkit.Record(answer=_answer(example), **common)
 
 
-def _medevalkit_score(parsed: str, example: dict) -> float:
-    if _is_yes_no(example):
-        return medevalkit_yes_no(parsed, _answer(example))
+def _generic_record(example: dict) -> medevalkit.Record:
+    """Other benchmarks: multiple choice as OmniMedVQA ("A. text" options, the letter as
+    reference), other questions as VQA-RAD (yes/no rule for a yes/no reference)."""
     if _is_choice(example):
         ref = _reference_option(example)
-        if ref is not None:
-            return float(parsed == LETTERS[ref])
-    return float(parsed.lower().strip() == _answer(example).lower().strip())
+        choices = [f"{LETTERS[i]}. {o}" for i, o in enumerate(_options(example))]
+        answer = LETTERS[ref] if ref is not None else _answer(example)
+        return medevalkit.Record("omnimedvqa", question_text(example), answer, tuple(choices))
+    return medevalkit.Record("vqa_rad", question_text(example), _answer(example))
+
+
+def _medevalkit_parsed(generated: str, rec: medevalkit.Record) -> str:
+    """What MedEvalKit compares with the reference, for the prediction rows."""
+    if rec.dataset == "mmmu_med" and rec.kind == "multiple-choice":
+        letters = LETTERS[:len(rec.choices)]
+        return medevalkit.mmmu_choice(medevalkit._mmmu_extract(generated), letters,
+                                      dict(zip(letters, rec.choices)))
+    if rec.dataset in ("omnimedvqa", "pmc_vqa", "mmmu_med"):
+        return medevalkit.parse_response(medevalkit.answer_tags(generated)).strip()
+    return medevalkit.parse_response(medevalkit.pre_extract(generated)).strip()
+
+
+def _medevalkit_extract(generated: str, example: dict) -> str:
+    return medevalkit.parse_response(medevalkit.pre_extract(generated)).strip()
+
+
+def _medevalkit_verdict(generated: str, example: dict) -> tuple[str, float]:
+    rec = medevalkit_record(example) or _generic_record(example)
+    return _medevalkit_parsed(generated, rec), medevalkit.verdict(rec, generated).score
+
+
+def _medevalkit_strict_verdict(generated: str, example: dict) -> tuple[str, float]:
+    rec = medevalkit_record(example) or _generic_record(example)
+    options = _options(example) if _is_choice(example) else []
+    if rec.dataset == "pmc_vqa" and not options:
+        options = [re.sub(r"^\s*[A-Z]\s*:", "", c).strip() for c in rec.choices]
+    return (medevalkit.strict_extract(generated),
+            medevalkit.strict_verdict(rec, generated, options))
+
+
+def _medevalkit_user_text(example: dict) -> str | None:
+    """MedEvalKit's own prompt for its datasets (None for other benchmarks)."""
+    rec = medevalkit_record(example)
+    return None if rec is None else medevalkit.prompt(rec)
+
+
+def _medevalkit_group(example: dict) -> str:
+    rec = medevalkit_record(example)
+    if rec is not None:
+        return medevalkit.group(rec)
+    return "closed" if _is_yes_no(example) else example["meta"]["question_type"]
 
 
 def _medevalkit_instruction(example: dict) -> str:
-    if example["meta"]["question_type"] == REPORT:
+    """Instructions for benchmarks outside MedEvalKit's (appended to the question)."""
+    if example["meta"]["question_type"] == REPORT or medevalkit_record(example) is not None:
         return ""
     if _is_yes_no(example):  # MedEvalKit picks the prompt by the reference answer.
-        return "Please output 'yes' or 'no'(no extra output)."
+        return medevalkit.JUDGEMENT["en"]
     if _is_choice(example):
         question = "\n".join(str(m.get("content", "")) for m in example["messages"]
                              if m.get("role") == "user")
@@ -361,8 +309,8 @@ def _medevalkit_instruction(example: dict) -> str:
         listed = all(o.lower() in question.lower() for o in options)
         lines = "" if listed else "Options:\n" + "\n".join(
             f"{LETTERS[i]}. {o}" for i, o in enumerate(options)) + "\n"
-        return lines + "Answer with the option's letter from the given choices directly."
-    return "Please answer the question concisely."
+        return lines + medevalkit.CHOICE
+    return medevalkit.OPEN_ENDED["en"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,16 +323,30 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("medsynth", "1", "MedSynth's rules (medvl_jax.evaluate.scoring): exact match, "
              "token F1 for open questions, IoU >= 0.5 for boxes, 20%/2 mm for sizes",
              parse=_strip, score=_medsynth_score),
-    Protocol("llava_med", "1", "LLaVA-Med: closed = reference substring of a prediction "
-             "containing yes/no; other questions = LLaVA-Med token recall",
-             parse=_strip, score=_llava_score(llava_closed)),
-    Protocol("llava_med_strict", "1", "LLaVA-Med with whole-word yes/no: exactly one of "
-             "yes/no, equal to the reference; other questions = LLaVA-Med token recall",
-             parse=_strip, score=_llava_score(llava_closed_strict)),
-    Protocol("medevalkit", "1", "MedEvalKit: answer extraction (\\boxed{}, <answer>, answer:), "
-             "yes/no judgement, multiple choice by letter/text/most similar option, exact "
-             "match otherwise; MedEvalKit's prompt instructions",
-             parse=_medevalkit_parse, score=_medevalkit_score,
+    Protocol("llava_med", "2", "LLaVA-Med run_eval.py (v1.0.0, with its closed-accuracy "
+             "fix): closed = reference substring of a prediction containing yes/no; other "
+             "questions = LLaVA-Med recall",
+             parse=_strip, score=_llava_score(llava_med.closed_run_eval)),
+    Protocol("llava_med_batch", "1", "LLaVA-Med run_eval_batch.py (v1.0.0): closed = "
+             "reference substring of the prediction; other questions = LLaVA-Med recall",
+             parse=_strip, score=_llava_score(llava_med.closed_batch)),
+    Protocol("llava_med_strict", "2", "LLaVA-Med with whole-word yes/no: exactly one of "
+             "yes/no, equal to the reference; other questions = LLaVA-Med recall, every full "
+             "stop normalised",
+             parse=_strip, score=_llava_score(llava_med.closed_strict, fixed=True)),
+    Protocol("medevalkit", "2", "MedEvalKit (9b12e3b) per dataset: its prompts, answer "
+             "extraction, yes/no, closed, open exact-match and multiple-choice judgements "
+             "and MMMU parsers, quirks kept",
+             parse=_medevalkit_extract, score=exact_match, verdict=_medevalkit_verdict,
+             user_text=_medevalkit_user_text, group=_medevalkit_group,
+             instruction=_medevalkit_instruction),
+    Protocol("medevalkit_strict", "1", "MedEvalKit's prompts with repaired judgements: "
+             "whitespace and trailing punctuation ignored, whole-word yes/no in any case, "
+             "option letters in any wrapping, no similarity guess or random pick, MMMU open "
+             "questions by MMMU's own rule",
+             parse=_medevalkit_extract, score=exact_match,
+             verdict=_medevalkit_strict_verdict,
+             user_text=_medevalkit_user_text, group=_medevalkit_group,
              instruction=_medevalkit_instruction),
     Protocol("token_f1", "1", "token F1 (SQuAD-style, normalised words) for every question",
              parse=_strip, score=_token_f1),
@@ -441,15 +403,17 @@ def with_judge(base: Protocol, judge: Judge, *, name: str, version: str,
     ``with_judge(PROTOCOLS["exact"], my_judge, name="exact+gpt_judge", version="1")``."""
     types = tuple(question_types)
 
-    def score(parsed: str, example: dict) -> float:
-        if example["meta"]["question_type"] in types:
-            value = float(judge(question_text(example), parsed, _answer(example), example))
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"judge of protocol {name!r} returned {value} for example "
-                                 f"{example.get('id')!r}; scores must lie in [0, 1]")
-            return value
-        return base.score(parsed, example)
+    def verdict(generated: str, example: dict) -> tuple[str, float]:
+        if example["meta"]["question_type"] not in types:
+            return base.evaluate(generated, example)
+        parsed = (base.verdict(generated, example)[0] if base.verdict is not None
+                  else base.parse(generated, example))
+        value = float(judge(question_text(example), parsed, _answer(example), example))
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"judge of protocol {name!r} returned {value} for example "
+                             f"{example.get('id')!r}; scores must lie in [0, 1]")
+        return parsed, value
 
     return dataclasses.replace(
-        base, name=name, version=version, score=score,
+        base, name=name, version=version, verdict=verdict,
         description=f"{base.description}; {', '.join(types)} questions scored by a judge")

@@ -18,6 +18,7 @@ from medvl_jax import config as config_lib
 from medvl_jax.data import chat, pipeline
 from medvl_jax.evaluate import cli as eval_cli
 from medvl_jax.evaluate import evaluators, scoring
+from medvl_jax.evaluate import protocols as protocols_lib
 from medvl_jax.sampling import sampler
 from medvl_jax.train import cli as train_cli
 from medvl_jax.train import run as run_lib
@@ -147,7 +148,8 @@ def test_evaluate_cli_two_protocols_with_baselines(run, restored, tmp_path, caps
     printed = capsys.readouterr().out
     n = expected["num_questions"]
     for name in ("medsynth", "llava_med_strict"):
-        assert f"medsynth test, {n} questions; protocol {name} (version 1)" in printed
+        version = protocols_lib.get(name).version
+        assert f"medsynth test, {n} questions; protocol {name} (version {version})" in printed
     header = [line for line in printed.splitlines() if line.startswith("question type")]
     assert len(header) == 2 and header[0].split()[2:] == ["n", "real", "no_image", "blur", "noise"]
 
@@ -203,7 +205,8 @@ def test_evaluate_cli_without_config_uses_the_saved_one(run, restored, tmp_path,
 
 @pytest.mark.parametrize("flags, message", [
     (["--protocol", "llava"], "unknown protocol 'llava'; known protocols: exact, llava_med, "
-                              "llava_med_strict, medevalkit, medsynth, token_f1"),
+                              "llava_med_batch, llava_med_strict, medevalkit, "
+                              "medevalkit_strict, medsynth, token_f1"),
     (["--benchmark", "nope"], "unknown benchmark 'nope'; known benchmarks: medsynth, "
                               "medsynth_report"),
     (["--baselines", "none"], "unknown baseline(s) ['none']"),

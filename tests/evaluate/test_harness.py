@@ -168,7 +168,7 @@ def test_scores_per_protocol_and_condition(scripted):
         assert table(name, "blur") == (0.5, 0.0, 2 / 6)
     for name in NAMES:
         entry = res["protocols"][name]
-        assert (entry["protocol"], entry["version"]) == (name, "1")
+        assert (entry["protocol"], entry["version"]) == (name, P.get(name).version)
         assert entry["conditions"]["real"]["per_type"]["closed"]["n"] == 4
         assert entry["conditions"]["real"]["num_questions"] == 6
 
@@ -178,7 +178,7 @@ def test_prediction_rows(scripted):
     rows = res["predictions"]["medevalkit"]["no_image"]
     assert [r["id"] for r in rows] == [ex["id"] for ex in QA]
     assert rows[0] == {"id": "s0", "type": "closed", "prediction": "\\boxed{no}", "parsed": "no",
-                       "answer": "yes", "score": 0.0, "protocol": "medevalkit", "version": "1",
+                       "answer": "yes", "score": 0.0, "protocol": "medevalkit", "version": "2",
                        "condition": "no_image"}
     assert res["predictions"]["llava_med"]["real"][4]["prediction"] == "left"
 
@@ -202,9 +202,9 @@ def test_deterministic(scripted):
 def test_tables_and_chart(scripted, tmp_path):
     _, res = scripted
     text = harness.format_tables(res)
-    assert "toy test, 6 questions; protocol llava_med_strict (version 1)" in text
+    assert "toy test, 6 questions; protocol llava_med_strict (version 2)" in text
     assert "question type" in text and "no_image" in text
-    block = text.split("protocol llava_med_strict (version 1)")[1]
+    block = text.split("protocol llava_med_strict (version 2)")[1]
     line = next(row for row in block.splitlines() if row.startswith("closed"))
     assert line.split() == ["closed", "4", "100.0%", "50.0%", "0.0%", "50.0%"]
     path = tmp_path / "chart.png"

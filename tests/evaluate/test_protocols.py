@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 from rouge_score import rouge_scorer
 
+from medvl_jax.evaluate import llava_med, medevalkit
 from medvl_jax.evaluate import protocols as P
 
 MC_OPTIONS = ["right upper zone", "left lower zone", "left upper zone", "right middle zone"]
@@ -21,11 +22,11 @@ def score(name, prediction, example):
 
 
 # ---------------------------------------------------------------------------------------------
-# LLaVA-Med.
+# LLaVA-Med (hand-worked; tests/evaluate/test_conformance.py checks the original's verdicts).
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, want", [
-    ("Yes.", "yes"),
+    ("yes.", "yes"),
     # '-' inside a word becomes a space; ',' and '(' touch a space and are deleted; ')' at the
     # end touches no space and becomes one; the article goes.
     ("The left-lung, (upper)", "left lung upper"),
@@ -33,24 +34,35 @@ def score(name, prediction, example):
     ("Two nodules", "2 nodules"),
     ("1,000 mm", "1000 mm"),             # a digit-comma-digit deletes every listed mark
     ("3.5 cm.", "3.5 cm"),               # decimal points stay, full stops go
+    ("x." * 33, "x" * 33 + "."),         # only the first 32 full stops go
 ])
 def test_llava_normalise(text, want):
-    assert P.llava_normalise(text) == want
+    assert llava_med.normalise(text) == want
 
 
-@pytest.mark.parametrize("prediction, reference, want", [
-    ("Yes", "yes", 1.0),
-    ("No.", "yes", 0.0),
-    ("normal", "no", 1.0),     # the substring flaw: "normal" contains "no"
-    ("unknown", "no", 1.0),    # ... and so does "unknown"
-    ("Yes, no evidence of effusion.", "yes", 1.0),  # both answers count as correct
-    ("Yes, no evidence of effusion.", "no", 1.0),
-    ("none", "no", 0.0),       # "none" is normalised to "0" first
-    ("left", "left", 0.0),     # a closed answer without yes/no never scores
-    ("yes, on the left", "left", 1.0),
+def test_llava_normalise_fixed_deletes_every_full_stop():
+    assert llava_med.normalise_fixed("x." * 33) == "x" * 33
+    # Recall normalises twice: 64 full stops go; the 65th keeps "effusion." apart.
+    assert llava_med.recall("x. " * 63 + "effusion.", "effusion") == 1.0
+    assert llava_med.recall("x. " * 64 + "effusion.", "effusion") == 0.0
+    assert llava_med.recall("x. " * 64 + "effusion.", "effusion", fixed=True) == 1.0
+
+
+@pytest.mark.parametrize("prediction, reference, run_eval, batch", [
+    ("Yes", "yes", 1.0, 1.0),
+    ("No.", "yes", 0.0, 0.0),
+    ("normal", "no", 1.0, 1.0),     # the substring flaw: "normal" contains "no"
+    ("unknown", "no", 1.0, 1.0),    # ... and so does "unknown"
+    ("Yes, no evidence of effusion.", "yes", 1.0, 1.0),  # both answers count as correct
+    ("Yes, no evidence of effusion.", "no", 1.0, 1.0),
+    ("none", "no", 0.0, 0.0),       # "none" is normalised to "0" first
+    ("left", "left", 0.0, 1.0),     # run_eval: a closed answer without yes/no never scores
+    ("yes, on the left", "left", 1.0, 1.0),
+    ("I cannot tell", "no", 1.0, 1.0),   # "cannot" contains "no"
 ])
-def test_llava_med_closed(prediction, reference, want):
-    assert score("llava_med", prediction, ex("closed", reference)) == want
+def test_llava_med_closed(prediction, reference, run_eval, batch):
+    assert score("llava_med", prediction, ex("closed", reference)) == run_eval
+    assert score("llava_med_batch", prediction, ex("closed", reference)) == batch
 
 
 @pytest.mark.parametrize("prediction, reference, want", [
@@ -77,7 +89,7 @@ def test_llava_med_strict_closed(prediction, reference, want):
     ("upper", "left", 0.0),
 ])
 def test_llava_med_open_recall(prediction, reference, want):
-    for name in ("llava_med", "llava_med_strict"):
+    for name in ("llava_med", "llava_med_batch", "llava_med_strict"):
         assert score(name, prediction, ex("open", reference)) == pytest.approx(want)
 
 
@@ -90,29 +102,35 @@ def test_llava_med_other_types_are_open_questions():
 
 
 # ---------------------------------------------------------------------------------------------
-# MedEvalKit.
+# MedEvalKit (hand-worked; tests/evaluate/test_conformance.py checks the original's verdicts).
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, want", [
     ("Looking at the image ... \\boxed{B}", "b"),
     ("\\boxed{\\text{Yes}}", "\\text{yes}"),            # nested braces matched
     ("\\boxed{A} then \\boxed{C}", "c"),                # the last box
+    ("\\boxed{ B }", "b"),                              # its content stripped
+    ("The answer is \\boxed{B", "None"),                # a box cut off: the text "None"
+    ("the boxed region is normal", "None"),             # "boxed" anywhere asks for a box
     ("<think>hmm</think><answer>No</answer>", "no"),
     ("<answer>left</answer> and <answer>upper</answer>", "left upper"),
     ("<answer>unclosed", "<answer>unclosed"),           # no complete pair: the whole text
-    ("Answer: Yes", "yes"),
-    ("The final answer is B", "b"),                     # "answer is" cuts, then nothing else
+    ("<answer></answer> left", "<answer></answer> left"),  # empty pairs: the whole text too
+    ("Answer: Yes", " yes"),                            # nothing is stripped
+    ("The final answer is B", " b"),                    # "answer is" cuts, then nothing else
     ("The answer is: left", ": left"),                  # markers are tried in order
-    ("  plain  ", "plain"),
+    ("答案: 是", " 是"),
+    ("  plain  ", "  plain  "),
 ])
-def test_medevalkit_extraction(text, want):
-    assert P.extract_answer(text) == want
+def test_medevalkit_parse_response(text, want):
+    assert medevalkit.parse_response(text) == want
 
 
 @pytest.mark.parametrize("prediction, reference, want", [
     ("no", "no", 1.0),
     ("Yes.", "yes", 1.0),
     ("\\boxed{no}", "no", 1.0),
+    ("\\boxed{No", "no", 0.0),      # cut-off box: "None" holds neither "yes" nor "no"
     ("Answer: No, it is not.", "no", 1.0),
     ("Yes, no evidence of effusion.", "yes", 0.0),   # exactly one of yes/no must appear
     ("Yes, no evidence of effusion.", "no", 0.0),
@@ -124,43 +142,68 @@ def test_medevalkit_yes_no(prediction, reference, want):
     assert score("medevalkit", prediction, ex("closed", reference)) == want
 
 
-@pytest.mark.parametrize("prediction, want_letter", [
-    ("C", "C"),
-    ("c. left upper zone", "C"),             # the letter before the first full stop
-    ("left upper zone", "C"),                # an option's text
-    ("Answer: D", "D"),
-    ("\\boxed{B}", "B"),
-    ("The answer is C.\n\nBecause ...", "C"),
-    # No letter, no option text: the most similar option by difflib's ratio. "left upper"
-    # matches 10 of the 15 + 10 characters of "left upper zone": 2 * 10 / 25 = 0.8, and only
-    # 7 of "left lower zone" ("left " and "er"): 0.56.
-    ("left upper", "C"),
+@pytest.mark.parametrize("prediction, want", [
+    ("C", 1.0),
+    ("c. left upper zone", 1.0),             # the letter before the first full stop
+    ("left upper zone", 1.0),                # closest to "c. left upper zone"
+    ("Answer: D", 0.0),
+    ("\\boxed{B}", 0.0),
+    ("The answer is C.\n\nBecause ...", 1.0),
+    # No letter, no option text: the most similar listed option ("A. right upper zone", ...)
+    # by difflib's ratio.
+    ("left upper", 1.0),
 ])
-def test_medevalkit_multiple_choice(prediction, want_letter):
+def test_medevalkit_multiple_choice(prediction, want):
     e = ex("multiple_choice", "C", "Which region contains a nodule?", MC_OPTIONS)
-    parsed, s = P.get("medevalkit").evaluate(prediction, e)
-    assert parsed == want_letter
-    assert s == float(want_letter == "C")
+    assert score("medevalkit", prediction, e) == want
 
 
-def test_medevalkit_multiple_choice_reference_as_text_and_similarity():
+def test_medevalkit_judge_multi_choice_by_hand():
     import difflib
 
-    e = ex("multiple_choice", "left upper zone", "Where?", MC_OPTIONS)
-    assert score("medevalkit", "C", e) == 1.0
-    assert score("medevalkit", "B", e) == 0.0
-    text = "the nodule is in the left upper lung"
-    ratios = [difflib.SequenceMatcher(None, o, text).ratio() for o in MC_OPTIONS]
-    assert P.choose_option(text, MC_OPTIONS) == ratios.index(max(ratios)) == 2
+    choices = ["A:CT scan", "B:MRI", "C:Ultrasound"]
+    assert medevalkit.judge_multi_choice(choices, "B", "B")
+    # "(c)" is neither a letter nor a listed option: the most similar option is taken, and
+    # the shorter "a:ct scan" (1 match in 3 + 9 characters, 0.167) beats "c:ultrasound"
+    # (1 in 3 + 12, 0.133).
+    assert medevalkit.judge_multi_choice(choices, "C", "(C)") is False
+    ratios = [difflib.SequenceMatcher(None, c.lower(), "(c)").ratio() for c in choices]
+    assert ratios == pytest.approx([2 / 12, 0.0, 2 / 15])
+    # Option text without its letter: the similarity fallback against "b:mri".
+    assert medevalkit.judge_multi_choice(choices, "B", "MRI")
+    # The reference may be the option text (OmniMedVQA when no option equals it).
+    assert medevalkit.judge_multi_choice(["A. CT", "B. MRI"], "b. mri", "B")
 
 
 def test_medevalkit_open_is_exact_after_extraction():
-    assert score("medevalkit", "Answer: Left", ex("open", "left")) == 1.0
+    # VQA-RAD's rule strips before extraction, not after: "answer:" leaves " left".
+    assert score("medevalkit", "Answer: Left", ex("open", "left")) == 0.0
+    assert score("medevalkit_strict", "Answer: Left", ex("open", "left")) == 1.0
+    assert score("medevalkit", "Left", ex("open", "left")) == 1.0
     assert score("medevalkit", "left lung", ex("open", "left")) == 0.0
     assert score("medevalkit", "\\boxed{2}", ex("counting", "2")) == 1.0
 
 
-def test_medevalkit_prompts():
+def test_medevalkit_dataset_prompts_and_groups():
+    p = P.get("medevalkit")
+    slake = ex("closed", "Yes", "Is this a CT?")
+    slake["meta"].update(benchmark="slake", answer_type="CLOSED", q_lang="en",
+                         question="Is this a CT?")
+    assert p.prompt(slake)["messages"] == [{"role": "user", "content": "<image>\nIs this a CT?\n"
+                                           "Answer the question using a single word or phrase."}]
+    assert p.category(slake) == "closed"
+    # SLAKE's yes/no rule is case-sensitive: "Yes" goes to exact match, so "Yes, it is" fails.
+    assert score("medevalkit", "Yes, it is", slake) == 0.0
+    assert score("medevalkit", "Yes.", slake) == 1.0
+    assert score("medevalkit_strict", "Yes, it is", slake) == 1.0
+    rad = ex("open", "yes", "Is the heart enlarged?")      # VQA-RAD's split: by the answer
+    rad["meta"].update(benchmark="vqa_rad", question="Is the heart enlarged?")
+    assert p.category(rad) == "closed"
+    assert p.prompt(rad)["messages"][-1]["content"] == (
+        "<image>\nIs the heart enlarged?\nPlease output 'yes' or 'no'(no extra output).")
+
+
+def test_medevalkit_prompts_elsewhere():
     p = P.get("medevalkit")
     closed = p.prompt(ex("closed", "yes", "Is the heart enlarged?"))
     assert closed["messages"] == [{"role": "user", "content": "<image>\nIs the heart enlarged?\n"
@@ -179,6 +222,16 @@ def test_medevalkit_prompts():
     # Protocols without an instruction keep the question and drop the reference answer.
     plain = P.get("llava_med").prompt(ex("open", "left", "Which side?"))
     assert plain["messages"] == [{"role": "user", "content": "<image>\nWhich side?"}]
+
+
+@pytest.mark.parametrize("prediction, want", [
+    ("(C)", 1.0), ("C)", 1.0), ("**C**", 1.0), ("\\boxed{(C)}", 1.0), ("Option C", 1.0),
+    ("c: left upper zone", 1.0), ("Left upper zone.", 1.0), ("The answer is (C).", 1.0),
+    ("B", 0.0), ("left upper", 0.0), ("", 0.0),
+])
+def test_medevalkit_strict_multiple_choice(prediction, want):
+    e = ex("multiple_choice", "C", "Which region contains a nodule?", MC_OPTIONS)
+    assert score("medevalkit_strict", prediction, e) == want
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +280,13 @@ def test_reports_are_scored_by_rouge_l_under_every_protocol():
 
 
 def test_registry_stamps_and_errors():
-    assert set(P.PROTOCOLS) == {"exact", "medsynth", "llava_med", "llava_med_strict",
-                                "medevalkit", "token_f1"}
-    assert P.get("llava_med").stamp() == {"protocol": "llava_med", "version": "1"}
-    assert P.get("llava_med_strict").tag == "llava_med_strict@1"
-    with pytest.raises(ValueError, match="unknown protocol 'llava'.*llava_med, llava_med_strict"):
+    assert set(P.PROTOCOLS) == {"exact", "medsynth", "llava_med", "llava_med_batch",
+                                "llava_med_strict", "medevalkit", "medevalkit_strict",
+                                "token_f1"}
+    assert P.get("llava_med").stamp() == {"protocol": "llava_med", "version": "2"}
+    assert P.get("llava_med_strict").tag == "llava_med_strict@2"
+    assert P.get("medevalkit").tag == "medevalkit@2"
+    with pytest.raises(ValueError, match="unknown protocol 'llava'.*llava_med, llava_med_batch"):
         P.get("llava")
     assert [p.name for p in P.parse_list("exact, llava_med,exact")] == ["exact", "llava_med"]
     with pytest.raises(ValueError, match="no protocol named"):
@@ -268,15 +323,21 @@ def test_decoding_budgets():
 
 
 @pytest.mark.parametrize("prediction, reference, want", [
-    # The traps table of docs/evaluation.md: llava_med, llava_med_strict, medevalkit, exact.
-    ("normal", "no", (1, 0, 1, 0)),
-    ("unknown", "no", (1, 0, 1, 0)),
-    ("none", "no", (0, 0, 1, 0)),
-    ("Yes, no evidence of effusion.", "yes", (1, 0, 0, 0)),
-    ("Yes, no evidence of effusion.", "no", (1, 0, 0, 0)),
-    ("not seen", "no", (1, 0, 1, 0)),
-    ("\\boxed{no}", "no", (1, 1, 1, 0)),
+    # The traps table of docs/evaluation.md: llava_med, llava_med_batch, llava_med_strict,
+    # medevalkit, medevalkit_strict, exact.
+    ("normal", "no", (1, 1, 0, 1, 0, 0)),
+    ("unknown", "no", (1, 1, 0, 1, 0, 0)),
+    ("none", "no", (0, 0, 0, 1, 0, 0)),
+    ("Yes, no evidence of effusion.", "yes", (1, 1, 0, 0, 0, 0)),
+    ("Yes, no evidence of effusion.", "no", (1, 1, 0, 0, 0, 0)),
+    ("not seen", "no", (1, 1, 0, 1, 0, 0)),
+    ("No.", "no", (1, 1, 1, 1, 1, 1)),
+    ("\\boxed{no}", "no", (1, 1, 1, 1, 1, 0)),
+    ("\\boxed{no", "no", (1, 1, 1, 0, 1, 0)),
+    ("Answer: no", "no", (1, 1, 1, 1, 1, 0)),
+    ("left", "left", (0, 1, 1, 1, 1, 1)),
 ])
 def test_traps_table(prediction, reference, want):
-    names = ("llava_med", "llava_med_strict", "medevalkit", "exact")
+    names = ("llava_med", "llava_med_batch", "llava_med_strict", "medevalkit",
+             "medevalkit_strict", "exact")
     assert tuple(score(n, prediction, ex("closed", reference)) for n in names) == want
