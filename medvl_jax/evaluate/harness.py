@@ -28,7 +28,6 @@ import numpy as np
 
 from medvl_jax.evaluate import baselines as baselines_lib
 from medvl_jax.evaluate import protocols as protocols_lib
-from medvl_jax.evaluate import report_metrics
 
 # Benchmarks built from the config's MedSynth sources (the other names come from
 # medvl_jax.data.benchmarks).
@@ -193,7 +192,7 @@ def evaluate(task, model_params, examples: Sequence[dict],
                              "prediction": texts[key], "parsed": parsed,
                              "answer": ex["meta"]["answer"], "score": float(score),
                              **p.stamp(), "condition": cond})
-            entry["conditions"][cond] = summarise(rows, examples)
+            entry["conditions"][cond] = summarise(rows, examples, p)
             out["predictions"][p.name][cond] = rows
         out["protocols"][p.name] = entry
     return out
@@ -222,9 +221,11 @@ def _readable(examples: list[dict], data_config) -> tuple[list[dict], int]:
     return kept, len(examples) - len(kept)
 
 
-def summarise(rows: Sequence[dict], examples: Sequence[dict]) -> dict:
-    """Per-question-type means, the overall mean and (for report questions) corpus report
-    metrics of one protocol under one condition."""
+def summarise(rows: Sequence[dict], examples: Sequence[dict],
+              protocol: protocols_lib.Protocol | None = None) -> dict:
+    """Per-question-type means, the overall mean and (for report questions) the corpus report
+    metrics of ``protocol`` (its :class:`~protocols.ReportScoring`; the default one when
+    None) of one protocol under one condition."""
     per_type: dict[str, list[float]] = {}
     for r in rows:
         per_type.setdefault(r["type"], []).append(r["score"])
@@ -232,12 +233,13 @@ def summarise(rows: Sequence[dict], examples: Sequence[dict]) -> dict:
                           for t, v in sorted(per_type.items())},
              "overall": float(np.mean([r["score"] for r in rows])),
              "num_questions": len(rows)}
-    reports = [(r, ex) for r, ex in zip(rows, examples) if r["type"] == protocols_lib.REPORT]
+    reports = [(r, ex) for r, ex in zip(rows, examples)
+               if ex["meta"]["question_type"] == protocols_lib.REPORT]
     if reports:
-        clinical = all(ex["meta"].get("findings") is not None for _, ex in reports)
-        table["report_metrics"] = report_metrics.corpus_metrics(
-            [r["parsed"] for r, _ in reports], [str(ex["meta"]["answer"]) for _, ex in reports],
-            clinical=clinical)
+        scoring = (protocol.report if protocol is not None else protocols_lib.DEFAULT_REPORT)
+        table["report_metrics"] = scoring.corpus(
+            [r["prediction"] for r, _ in reports],
+            [str(ex["meta"]["answer"]) for _, ex in reports], [ex for _, ex in reports])
     return table
 
 

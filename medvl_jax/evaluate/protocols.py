@@ -19,13 +19,16 @@ version changes with it.
                        prompts, extraction, yes/no, exact-match, multiple-choice and MMMU
                        judgements, record for record, quirks included
     medevalkit_strict  MedEvalKit's prompts, repaired judgements
+    report             reports: R2Gen's cleaning + pycocoevalcap BLEU/ROUGE-L/CIDEr-D/METEOR;
+                       other questions as exact
     token_f1           token F1 (SQuAD-style)                 token F1            token F1
 
-The exact rules, with their traps, are in docs/evaluation.md. Rules every protocol shares:
-``report`` answers are scored by ROUGE-L per example (corpus BLEU, ROUGE-L, CIDEr and, for
-MedSynth, clinical F1 are added by the harness), and MedSynth's geometric types ``box`` and
-``size`` by their MedSynth rules (:func:`medvl_jax.evaluate.scoring.score`) after the
-protocol's answer extraction. Other MedSynth types (``counting``, ``progression``) follow the
+The exact rules, with their traps, are in docs/evaluation.md. Report answers are scored by the
+protocol's :class:`ReportScoring` (by default rouge-score ROUGE-L per report, and sacrebleu
+BLEU, rouge-score ROUGE-L, plain CIDEr and, for MedSynth, clinical F1 over the corpus; the
+``report`` protocol uses the COCO scorers instead); MedSynth's geometric types ``box`` and
+``size`` are scored by their MedSynth rules (:func:`medvl_jax.evaluate.scoring.score`) after
+the protocol's answer extraction. Other MedSynth types (``counting``, ``progression``) follow the
 protocol's open-question rule, except under ``exact``/``medsynth`` (exact match).
 
 Decoding is greedy (deterministic) for every protocol: up to the task's
@@ -67,6 +70,33 @@ def _no_instruction(example: dict) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportScoring:
+    """How a protocol scores generated reports: ``example(generated, example) -> (parsed,
+    score)`` per report, and ``corpus(generated, references, examples) -> {metric: value}``
+    over all reports of a table."""
+    example: Callable[[str, dict], tuple[str, float]]
+    corpus: Callable[[Sequence[str], Sequence[str], Sequence[dict]], dict]
+
+
+def _default_report(generated: str, example: dict) -> tuple[str, float]:
+    from medvl_jax.evaluate import report_metrics
+
+    text = generated.strip()
+    return text, report_metrics.rouge_l([text], [example["meta"]["answer"]])
+
+
+def _default_report_corpus(generated, references, examples) -> dict:
+    from medvl_jax.evaluate import report_metrics
+
+    clinical = all(ex["meta"].get("findings") is not None for ex in examples)
+    return report_metrics.corpus_metrics([g.strip() for g in generated], references,
+                                         clinical=clinical)
+
+
+DEFAULT_REPORT = ReportScoring(_default_report, _default_report_corpus)
+
+
+@dataclasses.dataclass(frozen=True)
 class Protocol:
     """A named, versioned evaluation protocol: prompt format + decoding + parser + metric.
 
@@ -92,6 +122,9 @@ class Protocol:
     # Optional: the row of the per-type table a question counts in (the script's own split);
     # None: the example's question type.
     group: Callable[[dict], str] | None = None
+    # Report questions: per-report score and corpus metrics (default: rouge-score ROUGE-L per
+    # report; sacrebleu BLEU, rouge-score ROUGE-L and plain CIDEr over the corpus).
+    report: ReportScoring = DEFAULT_REPORT
 
     @property
     def tag(self) -> str:
@@ -133,10 +166,8 @@ class Protocol:
         meta = example["meta"]
         qtype = meta["question_type"]
         if qtype == REPORT:
-            from medvl_jax.evaluate import report_metrics
-
-            text = generated.strip()
-            return text, report_metrics.rouge_l([text], [meta["answer"]])
+            parsed, value = self.report.example(generated, example)
+            return parsed, float(value)
         if qtype in GEOMETRIC:
             parsed = self.parse(generated, example)
             return parsed, scoring.score(qtype, parsed, meta["answer"])
@@ -314,6 +345,35 @@ def _medevalkit_instruction(example: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Reports as papers score them (R2Gen's cleaning, pycocoevalcap's scorers).
+# --------------------------------------------------------------------------------------------
+
+def _cleaner(example: dict):
+    from medvl_jax.evaluate import report_cleaning
+
+    return report_cleaning.cleaner_for(example["meta"].get("benchmark"))
+
+
+def _coco_report(generated: str, example: dict) -> tuple[str, float]:
+    from medvl_jax.evaluate import report_metrics
+
+    clean = _cleaner(example)
+    text = clean(generated)
+    return text, report_metrics.coco_rouge_l(text, clean(str(example["meta"]["answer"])))
+
+
+def _coco_report_corpus(generated, references, examples) -> dict:
+    from medvl_jax.evaluate import report_metrics
+
+    clinical = all(ex["meta"].get("findings") is not None for ex in examples)
+    return report_metrics.report_corpus_metrics(generated, references,
+                                                clean=_cleaner(examples[0]), clinical=clinical)
+
+
+COCO_REPORT = ReportScoring(_coco_report, _coco_report_corpus)
+
+
+# --------------------------------------------------------------------------------------------
 # The registry, and the judge extension point.
 # --------------------------------------------------------------------------------------------
 
@@ -348,6 +408,10 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              verdict=_medevalkit_strict_verdict,
              user_text=_medevalkit_user_text, group=_medevalkit_group,
              instruction=_medevalkit_instruction),
+    Protocol("report", "1", "reports as report-generation papers score them: R2Gen's text "
+             "cleaning, then pycocoevalcap's BLEU-1..4, ROUGE-L, CIDEr-D and METEOR (with "
+             "Java); per report its COCO ROUGE-L; other questions by normalised exact match",
+             parse=_strip, score=exact_match, report=COCO_REPORT),
     Protocol("token_f1", "1", "token F1 (SQuAD-style, normalised words) for every question",
              parse=_strip, score=_token_f1),
 )}

@@ -1,16 +1,24 @@
-"""Report-generation metrics: BLEU-1..4, ROUGE-L, CIDEr and MedSynth's clinical F1.
+"""Report-generation metrics: the COCO caption scorers as papers use them, the sacrebleu /
+rouge-score variants, a plain CIDEr, and MedSynth's clinical F1.
 
-BLEU and ROUGE-L come from the maintained reference implementations (sacrebleu, rouge-score),
-so the numbers are the ones those libraries give; CIDEr is written here (Vedantam et al.,
-2015, the ``Cider`` scorer of the COCO caption evaluation: tf-idf n-gram vectors, n = 1..4,
-document frequencies over the references, cosine similarity averaged over n and the
-references, times 10; no length penalty or clipping, which are CIDEr-D's).
+:func:`coco_metrics` is what report-generation papers (R2Gen and those compared with it)
+report: the texts are cleaned as R2Gen cleans them (:mod:`medvl_jax.evaluate.report_cleaning`),
+then scored by pycocoevalcap's own scorers — ``Bleu(4)`` (corpus BLEU-1..4 over whitespace
+tokens, "closest" reference length), ``Rouge`` (ROUGE-L with beta = 1.2, "." a token),
+``Cider`` (CIDEr-D: tf-idf n-grams, clipped counts, a Gaussian length penalty with sigma = 6,
+times 10) and ``Meteor`` (METEOR 1.5, which needs a Java runtime and is skipped with a message
+when there is none).
+
+The other functions keep their own names: :func:`bleu` (sacrebleu, 13a tokenisation), and
+:func:`rouge_l` (rouge-score, plain F1 over alphanumeric words), :func:`cider` (plain CIDEr,
+written here: Vedantam et al. 2015 without CIDEr-D's clipping and length penalty — *not*
+COCO's scorer, whose numbers are tens of points lower on reports).
 
 Clinical F1 compares the findings stated by a generated MedSynth report with those of the
 reference report, both read by :func:`medsynth_findings` (MedSynth's report phrasing: nodules
 per lung zone and side, pleural effusion per side, cardiomegaly, and a normal study).
 
-All scores are in [0, 1] except CIDEr (0 to 10).
+All scores are in [0, 1] except the CIDEr variants (0 to 10).
 """
 from __future__ import annotations
 
@@ -68,7 +76,9 @@ def _ngrams(words: list[str], n: int) -> collections.Counter:
 
 def cider(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
           max_order: int = 4) -> float:
-    """Corpus CIDEr of ``predictions``; each reference may be a string or a list of strings.
+    """Corpus plain CIDEr of ``predictions`` (not COCO's CIDEr-D: no clipping, no length
+    penalty; see :func:`coco_metrics` for that); each reference may be a string or a list of
+    strings.
 
     For n = 1..max_order, every text becomes a vector of n-gram weights
     ``count * log(N / df)`` (N examples, df the number of examples whose references hold the
@@ -226,12 +236,108 @@ def clinical_f1(predictions: Sequence[str],
 
 def corpus_metrics(predictions: Sequence[str], references: Sequence[str], *,
                    clinical: bool = False) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr of a corpus of reports, plus clinical precision, recall
-    and F1 (MedSynth findings) when ``clinical``."""
-    out = {**bleu(predictions, references), "rouge_l": rouge_l(predictions, references),
-           "cider": cider(predictions, references)}
+    """sacrebleu BLEU-1..4, rouge-score ROUGE-L and plain CIDEr of a corpus of reports, under
+    their libraries' names (``sacrebleu_bleu1``.., ``rouge_score_rouge_l``, ``cider_plain``),
+    plus clinical precision, recall and F1 (MedSynth findings) when ``clinical``."""
+    out = {f"sacrebleu_{k}": v for k, v in bleu(predictions, references).items()}
+    out.update(rouge_score_rouge_l=rouge_l(predictions, references),
+               cider_plain=cider(predictions, references))
     if clinical:
-        c = clinical_f1(predictions, references)
-        out.update(clinical_precision=c["precision"], clinical_recall=c["recall"],
-                   clinical_f1=c["f1"])
+        out.update(_clinical(predictions, references))
+    return out
+
+
+def _clinical(predictions, references) -> dict[str, float]:
+    c = clinical_f1(predictions, references)
+    return {"clinical_precision": c["precision"], "clinical_recall": c["recall"],
+            "clinical_f1": c["f1"]}
+
+
+# --------------------------------------------------------------------------------------------
+# The COCO caption scorers (pycocoevalcap), as report-generation papers use them.
+# --------------------------------------------------------------------------------------------
+
+def java_available() -> bool:
+    """Whether a Java runtime is on PATH (METEOR runs pycocoevalcap's METEOR 1.5 jar)."""
+    import shutil
+
+    return shutil.which("java") is not None
+
+
+def _coco_inputs(predictions, references, clean):
+    _check(predictions, references)
+    clean = clean or (lambda t: t)
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    gts = {i: [clean(str(x)) for x in rs] for i, rs in enumerate(refs)}
+    res = {i: [clean(str(p))] for i, p in enumerate(predictions)}
+    for i, p in res.items():
+        if not p[0].split():
+            # pycocoevalcap's BLEU divides by the hypothesis length; an empty one scores 0
+            # through a single token no reference holds.
+            res[i] = ["<empty>"]
+    return gts, res
+
+
+def coco_metrics(predictions: Sequence[str], references: Sequence, *,
+                 clean=None, meteor: bool | None = None,
+                 meteor_scorer=None) -> dict[str, float]:
+    """COCO caption metrics of a corpus: ``coco_bleu1``..``coco_bleu4``, ``coco_rouge_l``,
+    ``coco_cider_d`` and ``coco_meteor``, computed by pycocoevalcap's scorers on the texts
+    after ``clean`` (a function, e.g. :func:`report_cleaning.clean_iu_xray`; None: as given).
+    Each reference may be a string or a list of strings.
+
+    ``meteor``: None runs METEOR when a Java runtime is present and otherwise leaves it out
+    with a message on stderr; True requires it; False skips it. METEOR starts a Java process
+    that loads its paraphrase tables (about half a minute); ``meteor_scorer``, a running
+    ``pycocoevalcap.meteor.meteor.Meteor``, is used (and left running) instead of a new one.
+    An empty prediction is scored as a word no reference holds (pycocoevalcap's BLEU cannot
+    take an empty one)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _coco_inputs(predictions, references, clean)
+    b, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"coco_bleu{n + 1}": float(v) for n, v in enumerate(b)}
+    out["coco_rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    out["coco_cider_d"] = float(Cider().compute_score(gts, res)[0])
+    run_meteor = java_available() if meteor is None else meteor
+    if meteor_scorer is not None and meteor is not False:
+        out["coco_meteor"] = float(meteor_scorer.compute_score(gts, res)[0])
+    elif run_meteor:
+        if not java_available():
+            raise RuntimeError("METEOR needs a Java runtime (java on PATH): pycocoevalcap runs "
+                               "the METEOR 1.5 jar; install one (apt-get install "
+                               "default-jre-headless) or pass meteor=False")
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            out["coco_meteor"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+    elif meteor is None:
+        import sys
+
+        print("report metrics: METEOR skipped, no Java runtime (java) on PATH",
+              file=sys.stderr)
+    return out
+
+
+def coco_rouge_l(prediction: str, reference: str) -> float:
+    """pycocoevalcap's ROUGE-L of one prediction (beta = 1.2, whitespace tokens)."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    p = prediction if prediction.split() else "<empty>"
+    return float(Rouge().calc_score([p], [reference]))
+
+
+def report_corpus_metrics(predictions: Sequence[str], references: Sequence[str], *,
+                          clean, clinical: bool = False) -> dict[str, float]:
+    """:func:`coco_metrics` after ``clean``, plus clinical precision, recall and F1 (MedSynth
+    findings, read from the texts as generated) when ``clinical``."""
+    out = coco_metrics(predictions, references, clean=clean)
+    if clinical:
+        out.update(_clinical(predictions, references))
     return out

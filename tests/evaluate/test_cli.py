@@ -206,7 +206,7 @@ def test_evaluate_cli_without_config_uses_the_saved_one(run, restored, tmp_path,
 @pytest.mark.parametrize("flags, message", [
     (["--protocol", "llava"], "unknown protocol 'llava'; known protocols: exact, llava_med, "
                               "llava_med_batch, llava_med_strict, medevalkit, "
-                              "medevalkit_strict, medsynth, token_f1"),
+                              "medevalkit_strict, medsynth, report, token_f1"),
     (["--benchmark", "nope"], "unknown benchmark 'nope'; known benchmarks: medsynth, "
                               "medsynth_report"),
     (["--baselines", "none"], "unknown baseline(s) ['none']"),

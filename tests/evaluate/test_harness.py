@@ -224,7 +224,8 @@ def test_reports_get_corpus_metrics_and_their_own_budget():
     res = _scripted(policy, reports + QA[:1], [exact], baselines=["no_image"])
     assert sorted(set(policy.calls)) == [(1, 2, 5), (2, 2, exact.decoding.report_max_new_tokens)]
     real = res["protocols"]["exact"]["conditions"]["real"]["report_metrics"]
-    assert real["bleu4"] == pytest.approx(1.0) and real["rouge_l"] == pytest.approx(1.0)
+    assert real["sacrebleu_bleu4"] == pytest.approx(1.0)
+    assert real["rouge_score_rouge_l"] == pytest.approx(1.0)
     assert real["clinical_f1"] == 1.0
     # Without the image the scripted model writes "no": no finding stated. TP 0, FN 3
     # (nodule; effusion, cardiomegaly) -> recall 0, F1 0.
@@ -232,7 +233,7 @@ def test_reports_get_corpus_metrics_and_their_own_budget():
     assert blind["clinical_recall"] == 0.0 and blind["clinical_f1"] == 0.0
     # ROUGE-L: "no" is 1 of the 28 words of the first report (F = 2/29), absent from the
     # second.
-    assert blind["rouge_l"] == pytest.approx((2 / 29 + 0) / 2)
+    assert blind["rouge_score_rouge_l"] == pytest.approx((2 / 29 + 0) / 2)
     # The per-example report score is ROUGE-L; the table's "report" row averages it.
     assert res["protocols"]["exact"]["conditions"]["real"]["per_type"]["report"] == \
         {"score": pytest.approx(1.0), "n": 2}
@@ -308,4 +309,4 @@ def test_real_model_and_medsynth_benchmarks():
              + task.generate_texts(mp, text_only[4:], batch_size=4, max_new_tokens=6))
     assert [r["prediction"] for r in res["predictions"]["exact"]["no_image"]] == blind
     metrics = res["protocols"]["exact"]["conditions"]["real"]["report_metrics"]
-    assert {"bleu4", "rouge_l", "cider", "clinical_f1"} <= set(metrics)
+    assert {"sacrebleu_bleu4", "rouge_score_rouge_l", "cider_plain", "clinical_f1"} <= set(metrics)

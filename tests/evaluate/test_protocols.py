@@ -273,15 +273,24 @@ def test_reports_are_scored_by_rouge_l_under_every_protocol():
     pred = "The heart is enlarged. No pleural effusion."
     want = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
     for name in P.PROTOCOLS:
+        if name == "report":
+            continue
         parsed, s = P.get(name).evaluate(" " + pred + " ", ex("report", ref))
         assert parsed == pred and s == pytest.approx(want)
     # By hand: LCS "the heart is enlarged pleural effusion" = 6 of 7 and 8 words.
     assert want == pytest.approx(2 * (6 / 7) * (6 / 8) / (6 / 7 + 6 / 8))
+    # The report protocol: R2Gen-cleaned texts and pycocoevalcap's ROUGE-L (beta = 1.2, "."
+    # a token): "the heart is enlarged . no pleural effusion ." (9 tokens) against "the heart is
+    # enlarged . small left pleural effusion ." (10): LCS 8, P = 8/9, R = 8/10.
+    parsed, s = P.get("report").evaluate(" " + pred + " ", ex("report", ref))
+    assert parsed == "the heart is enlarged . no pleural effusion ."
+    p_, r_, b2 = 8 / 9, 8 / 10, 1.2 ** 2
+    assert s == pytest.approx((1 + b2) * p_ * r_ / (r_ + b2 * p_))
 
 
 def test_registry_stamps_and_errors():
     assert set(P.PROTOCOLS) == {"exact", "medsynth", "llava_med", "llava_med_batch",
-                                "llava_med_strict", "medevalkit", "medevalkit_strict",
+                                "llava_med_strict", "medevalkit", "medevalkit_strict", "report",
                                 "token_f1"}
     assert P.get("llava_med").stamp() == {"protocol": "llava_med", "version": "2"}
     assert P.get("llava_med_strict").tag == "llava_med_strict@2"
