@@ -17,7 +17,7 @@ The reference policy is the model the run started from (``config.init_from``), f
 * otherwise it is a constant pytree held by the policy: ``reference_params`` given at
   construction, else read from ``config.init_from`` (a training workdir or a converted
   checkpoint) on first use (also when a run resumes, so the reference stays the starting
-  point). It is replicated as a constant of the jitted step, which suits models that fit on
+  point), or, from scratch, the run's initial weights, computed when the task is built. It is replicated as a constant of the jitted step, which suits models that fit on
   one device;
 * a batch that carries ``ref_chosen_logp`` / ``ref_rejected_logp`` ``[B]`` (precomputed
   offline) uses those instead, and no reference forward pass is run.
@@ -55,6 +55,11 @@ class DPOTask(base.Task):
         if not 0.0 <= d.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
         self.policy = Policy(config, tokenizer, start=start, reference_params=reference_params)
+        if (start is None and reference_params is None and not self.policy.lora
+                and not config.get("init_from")):
+            # From scratch the reference is the run's initial weights: computed now, since
+            # the loss (traced) cannot compute it.
+            self.policy.reference_params()
         self.answerer = Answerer(self.policy)
         self.model_config = self.policy.model_config
 

@@ -33,3 +33,19 @@ def test_reference_is_placed_like_the_params():
     kinds = jax.jit(lambda p: jax.tree.map(
         lambda r: float(isinstance(r, np.ndarray)), policy.reference_params(p)))(params)
     assert all(float(k) == 1.0 for k in jax.tree.leaves(kinds))
+
+
+def test_dpo_from_scratch_traces_its_loss_before_anything_else():
+    """From scratch the DPO reference is the run's initial weights; the loss can be traced
+    (under a mesh, as the loop and the planner trace it) with nothing computed before, and at
+    those weights every implicit reward is zero."""
+    from medvl_jax.tasks.base import run_keys
+    from medvl_jax.train import run
+
+    config, task, _ = run.build(run.load("configs/medsynth_dpo.py:smoke"))
+    batch = jax.tree.map(np.asarray, task.dummy_batch(2))
+    init = nn.unbox(jax.jit(task.init)(run_keys(int(config.train.seed))[0], batch))
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+    with rules_lib.activation_rules(mesh):
+        _, metrics = jax.jit(lambda p: task.loss(p, batch, jax.random.key(1)))(init)
+    assert float(metrics["chosen_reward"]) == 0.0 and float(metrics["rejected_reward"]) == 0.0
