@@ -322,6 +322,8 @@ VALUE_CHECKS: dict[str, Any] = {
     "data.nonfinite": OneOf(("error", "replace")),
     "data.max_skip_fraction": Number(0, 1),
     "lora.alpha": Number(0, lo_open=True),
+    "model.attention_impl": OneOf((None, "auto", "xla", "splash", "cudnn")),
+    "model.*.attention_impl": OneOf(("auto", "xla", "splash", "cudnn")),
 }
 
 

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from medvl_jax.models import layers as L
-from medvl_jax.models.masks import sliding_window_mask
+from medvl_jax.models.attention import check_impl
+from medvl_jax.models.masks import AttnMask, sliding_window_mask
 
 Dtype = Any
 
@@ -56,6 +57,8 @@ class DecoderConfig:
     ``sandwich_norms``: extra norms after attention and after the MLP (Gemma 2/3).
     ``query_pre_attn_scalar``: attention scale is its ``-1/2`` power (default ``head_dim``).
     ``remat_policy``: one of ``REMAT_POLICIES`` ("none" disables rematerialisation).
+    ``attention_impl``: "auto", "xla", "splash" or "cudnn" (``medvl_jax.models.attention``);
+    training and prefill use it, cached decode keeps its own XLA path.
     """
 
     vocab_size: int = 32000
@@ -87,10 +90,12 @@ class DecoderConfig:
     sandwich_norms: bool = False
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     param_dtype: Dtype = jnp.float32
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -154,7 +159,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, layer=None):
-        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask ``[B,L,S]``.
+        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask: an :class:`AttnMask` without a cache, a
+        bool ``[B,L,S]`` over cache slots with one.
 
         ``cache_kv``: None, or the stacked cache ``(k, v)`` (module docstring layout), into
         which this call writes layer ``layer`` at slot ``index``. Returns ``(out, new cache_kv)``.
@@ -191,7 +197,8 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_kv = None
         if cache_kv is None:
-            out = L.attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+            out = L.attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap,
+                              impl=c.attention_impl)
         else:
             zero = jnp.zeros((), jnp.int32)
             start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32),
@@ -218,21 +225,26 @@ class Block(nn.Module):
     ``carry``: the residual stream ``x``, or with a cache ``(x, (k, v))`` where ``k``/``v`` are
     the whole stacked cache (updated in place at this layer's index).
     ``per_layer``: dict with "is_local" (bool scalar) and "layer" (int32 scalar index).
-    ``shared``: dict with "cos"/"sin" and "cos_local"/"sin_local" tables, "mask",
-    "mask_local" and, with a cache, "index".
+    ``shared``: dict with "cos"/"sin" and "cos_local"/"sin_local" tables, "mask" (an
+    :class:`AttnMask`; with a cache, bool arrays "mask" and "mask_local") and, with a cache,
+    "index". ``is_local``: the layer's kind when known statically (unscanned layers).
     """
 
     config: DecoderConfig
+    is_local: bool | None = None
 
     @nn.compact
     def __call__(self, carry, per_layer, shared):
         """Runs the layer; returns the new carry (residual stream and cache) and ``{}``."""
         c = self.config
         x, cache_kv = carry if isinstance(carry, tuple) else (carry, None)
-        is_local = per_layer["is_local"]
+        is_local = per_layer["is_local"] if self.is_local is None else self.is_local
         cos = jnp.where(is_local, shared["cos_local"], shared["cos"])
         sin = jnp.where(is_local, shared["sin_local"], shared["sin"])
-        mask = jnp.where(is_local, shared["mask_local"], shared["mask"])
+        if isinstance(shared["mask"], AttnMask):
+            mask = shared["mask"].replace(local=is_local)
+        else:
+            mask = jnp.where(is_local, shared["mask_local"], shared["mask"])
         norm = dict(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=c.dtype,
                     param_dtype=c.param_dtype)
         h = L.RMSNorm(name="pre_attn_norm", **norm)(x)
@@ -269,7 +281,8 @@ class Decoder(nn.Module):
                 in_axes=(0, nn.broadcast), length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
         else:
-            self.blocks = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
+            self.blocks = [block(c, c.local_layers[i], name=f"layers_{i}")
+                           for i in range(c.num_layers)]
         self.final_norm = L.RMSNorm(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=c.dtype,
                                     param_dtype=c.param_dtype, name="final_norm")
         if not c.tie_embeddings:
@@ -293,7 +306,9 @@ class Decoder(nn.Module):
           tokens: int ``[B, L]``; or give ``embeddings`` ``[B, L, E]`` (already scaled).
           positions: int ``[B, L]`` rotary positions.
           attn_mask: bool ``[B, L, S]``, True = may attend; ``S = L`` without a cache, the cache
-            length with one.
+            length with one. Without a cache it may be an :class:`AttnMask`
+            (``masks.attn_mask``), which fused attention kernels need: a bare array is known
+            only densely and runs the xla path.
           cache: a cache from :func:`init_cache` (read and updated), or None.
           decode: asserts that a cache is given (the generation loop's step calls).
         aux: ``{"hidden": final normed hidden states}`` plus ``"cache"`` when a cache is used.
@@ -315,17 +330,22 @@ class Decoder(nn.Module):
             cos_l, sin_l = L.rope_tables(positions, L.rope_inv_freq(c.head_dim, c.rope_local_theta))
         else:
             cos_l, sin_l = cos, sin
-        mask = attn_mask.astype(bool)
-        if c.sliding_window is not None:
-            window = sliding_window_mask(length, mask.shape[-1], c.sliding_window, index)
-            mask_local = mask & window[None]
-        else:
-            mask_local = mask
-        shared = {"cos": cos, "sin": sin, "cos_local": cos_l, "sin_local": sin_l, "mask": mask,
-                  "mask_local": mask_local}
+        shared = {"cos": cos, "sin": sin, "cos_local": cos_l, "sin_local": sin_l}
         carry = x
-        if cache is not None:
-            shared["index"] = index
+        if cache is None:
+            mask = attn_mask
+            if not isinstance(mask, AttnMask):
+                mask = AttnMask.from_dense(mask)
+            shared["mask"] = mask.replace(window=c.sliding_window)
+        else:
+            mask = attn_mask.dense if isinstance(attn_mask, AttnMask) else attn_mask
+            mask = mask.astype(bool)
+            if c.sliding_window is not None:
+                window = sliding_window_mask(length, mask.shape[-1], c.sliding_window, index)
+                mask_local = mask & window[None]
+            else:
+                mask_local = mask
+            shared.update(mask=mask, mask_local=mask_local, index=index)
             carry = (x, (cache["k"], cache["v"]))
 
         if c.scan_layers:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvl_jax.models.attention import attend
+
 Dtype = Any
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -104,26 +106,18 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
 
 
 def attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, *, scale: float,
-    softcap: float | None = None,
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Any = None, *, scale: float,
+    softcap: float | None = None, impl: str = "xla",
 ) -> jnp.ndarray:
-    """Grouped-query attention. q ``[B,L,H,D]``, k/v ``[B,S,K,D]``, mask bool ``[B,L,S]``.
+    """Grouped-query attention, the one call site of every tower.
 
-    Without soft-capping this is ``jax.nn.dot_product_attention`` (which picks fused kernels
-    on GPU). Soft-capping (``cap * tanh(logits / cap)`` before the mask, as Gemma 2 does) has
-    no hook there, so that case runs an explicit einsum path with a float32 softmax.
+    q ``[B,L,H,D]``, k/v ``[B,S,K,D]``; ``mask``: a :class:`~medvl_jax.models.masks.AttnMask`,
+    a bool ``[B,L,S]`` array, or None (every query sees every key). ``impl`` is a config's
+    ``attention_impl`` ("xla", "splash", "cudnn" or "auto"; see
+    :mod:`medvl_jax.models.attention`). ``softcap``: ``cap * tanh(logits / cap)`` before the
+    mask (Gemma 2).
     """
-    if softcap is None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale)
-    b, l, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, l, kv, h // kv, d)
-    logits = jnp.einsum("blkgd,bskd->bkgls", qg, k).astype(jnp.float32) * scale
-    logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, d)
+    return attend(q, k, v, mask, scale=scale, softcap=softcap, impl=impl)
 
 
 class GatedMLP(nn.Module):

@@ -28,11 +28,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from medvl_jax.models.attention import check_impl
 from medvl_jax.models.decoder import REMAT_POLICIES
-from medvl_jax.models.layers import param_with_axes
+from medvl_jax.models.layers import attention, param_with_axes
+from medvl_jax.models.masks import key_padding_mask
 from medvl_jax.models.vision import _ACTS, LayerNorm, VisionConfig, VisionMLP, _dense
 
 Dtype = Any
@@ -49,6 +50,7 @@ class TextEncoderConfig:
     ``pooler``: whether the ``head`` Dense exists; without it the pooled output is the raw
     last (SigLIP) or first (BERT) hidden state.
     ``projection_dim``: output width of SigLIP's head (None = ``width``; BERT's is ``width``).
+    ``attention_impl``: "auto", "xla", "splash" or "cudnn" (``medvl_jax.models.attention``).
     """
 
     layout: str = "siglip"
@@ -65,10 +67,12 @@ class TextEncoderConfig:
     projection_dim: int | None = None
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     param_dtype: Dtype = jnp.float32
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.activation not in _ACTS:
@@ -98,8 +102,8 @@ class TextEncoderConfig:
         return VisionConfig(width=self.width, depth=self.depth, num_heads=self.num_heads,
                             mlp_dim=self.mlp_dim, activation=self.activation,
                             norm_eps=self.norm_eps, scan_layers=self.scan_layers,
-                            remat_policy=self.remat_policy, param_dtype=self.param_dtype,
-                            dtype=self.dtype)
+                            remat_policy=self.remat_policy, attention_impl=self.attention_impl,
+                            param_dtype=self.param_dtype, dtype=self.dtype)
 
 
 class TextAttention(nn.Module):
@@ -120,8 +124,8 @@ class TextAttention(nn.Module):
         q = _dense(self, "q", x, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
         k = _dense(self, "k", x, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
         v = _dense(self, "v", x, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
-        m = None if mask is None else mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=m, scale=c.head_dim ** -0.5)
+        m = None if mask is None else key_padding_mask(mask)
+        out = attention(q, k, v, m, scale=c.head_dim ** -0.5, impl=c.attention_impl)
         return _dense(self, "o", out, (*hd, c.width), ("vision_heads", "head_dim", "vision_embed"),
                       (c.width,), ("vision_embed",), "blhd,hdw->blw", c)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from medvl_jax.models.layers import param_with_axes
 from medvl_jax.models.text_encoder import TextEncoder, TextEncoderConfig
+from medvl_jax.models.attention import set_tower_attention
 from medvl_jax.models.vision import VisionConfig, VisionEncoder
 
 # logit_init -> (logit_scale, logit_bias or None): SigLIP (t' = log 10, b = -10) and CLIP
@@ -42,6 +43,8 @@ class TwoTowerConfig:
     "last" (last position) or "mean" (mean over real tokens).
     ``logit_init``: "siglip" (logit_scale = log 10, logit_bias = -10) or "clip"
     (logit_scale = log(1/0.07), no bias).
+    ``attention_impl``: when set, the ``attention_impl`` of both towers (else each keeps its
+    own).
     """
 
     vision: VisionConfig = dataclasses.field(
@@ -51,8 +54,10 @@ class TwoTowerConfig:
     image_pool: str = "pooled"
     text_pool: str = "pooled"
     logit_init: str = "siglip"
+    attention_impl: str | None = None
 
     def __post_init__(self):
+        set_tower_attention(self)
         if self.image_pool not in IMAGE_POOLS:
             raise ValueError(f"image_pool {self.image_pool!r} not in {IMAGE_POOLS}")
         if self.text_pool not in TEXT_POOLS:

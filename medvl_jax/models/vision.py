@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medvl_jax.models.attention import check_impl
 from medvl_jax.models.decoder import REMAT_POLICIES
-from medvl_jax.models.layers import param_with_axes
+from medvl_jax.models.layers import attention, param_with_axes
 
 Dtype = Any
 
@@ -49,6 +50,7 @@ class VisionConfig:
     ``token_merge``: merge ``k x k`` neighbouring output tokens into one (channels concatenated).
     ``feature_layer``: which hidden state ``aux["features"]`` holds, indexed like Hugging Face's
     ``hidden_states`` (0 = embeddings, -1 = last layer, -2 = the one before; LLaVA uses -2).
+    ``attention_impl``: "auto", "xla", "splash" or "cudnn" (``medvl_jax.models.attention``).
     """
 
     layout: str = "siglip"
@@ -68,10 +70,12 @@ class VisionConfig:
     pos_init: str = "normal"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     param_dtype: Dtype = jnp.float32
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.layout not in ("siglip", "clip"):
             raise ValueError(f"layout must be 'siglip' or 'clip', got {self.layout!r}")
         if self.activation not in _ACTS:
@@ -167,7 +171,7 @@ class VisionAttention(nn.Module):
         q = _dense(self, "q", x, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
         k = _dense(self, "k", kv, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
         v = _dense(self, "v", kv, (c.width, *hd), axes, hd, baxes, "blw,whd->blhd", c)
-        out = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5)
+        out = attention(q, k, v, None, scale=c.head_dim ** -0.5, impl=c.attention_impl)
         return _dense(self, "o", out, (*hd, c.width), ("vision_heads", "head_dim", "vision_embed"),
                       (c.width,), ("vision_embed",), "blhd,hdw->blw", c)
 
@@ -210,7 +214,7 @@ class MAPHead(nn.Module):
         q = jnp.einsum("blw,whd->blhd", p, qkv_w[:, 0].astype(dt)) + qkv_b[0].astype(dt)
         k = jnp.einsum("blw,whd->blhd", x.astype(dt), qkv_w[:, 1].astype(dt)) + qkv_b[1].astype(dt)
         v = jnp.einsum("blw,whd->blhd", x.astype(dt), qkv_w[:, 2].astype(dt)) + qkv_b[2].astype(dt)
-        out = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5)
+        out = attention(q, k, v, None, scale=c.head_dim ** -0.5, impl=c.attention_impl)
         h = _dense(self, "o", out, (*hd, c.width), ("vision_heads", "head_dim", "vision_embed"),
                    (c.width,), ("vision_embed",), "blhd,hdw->blw", c)
         h = h + VisionMLP(c, name="mlp")(LayerNorm(c.norm_eps, dt, c.param_dtype, name="norm")(h))

@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvl_jax.models.attention import set_tower_attention
 from medvl_jax.models.decoder import Decoder, DecoderConfig
 from medvl_jax.models.layers import RMSNorm, param_with_axes
-from medvl_jax.models.masks import make_attn_mask
+from medvl_jax.models.masks import attn_mask as structured_mask
 from medvl_jax.models.vision import VisionConfig, VisionEncoder
 
 PROJECTORS = ("linear", "mlp2x_gelu", "gemma3")
@@ -33,6 +34,8 @@ class VLMConfig:
     ``drop_cls``: drop the first vision token (CLIP's class token, LLaVA's "default").
     ``image_bidirectional``: tokens of one image attend to each other both ways (Gemma 3).
     ``position_offset``: first position id (PaliGemma counts from 1).
+    ``attention_impl``: when set, the ``attention_impl`` of both towers (else each keeps its
+    own).
     """
 
     vision: VisionConfig
@@ -43,10 +46,12 @@ class VLMConfig:
     drop_cls: bool = False
     image_bidirectional: bool = False
     position_offset: int = 0
+    attention_impl: str | None = None
 
     def __post_init__(self):
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector {self.projector!r} not in {PROJECTORS}")
+        set_tower_attention(self)
 
 
 class Projector(nn.Module):
@@ -139,8 +144,8 @@ class VLM(nn.Module):
           input_mask: ``[B, L]`` True for real tokens.
           mask_ar: ``[B, L]`` 0 for the bidirectional prefix, 1 for causal tokens.
           positions: optional ``[B, L]``; default counts real tokens from ``position_offset``.
-          attn_mask: optional bool ``[B, L, S]`` replacing the mask built from ``mask_ar``
-            (needed with a cache, where keys are cache slots).
+          attn_mask: optional bool ``[B, L, S]`` (or ``AttnMask``) replacing the mask built from
+            ``mask_ar`` (needed with a cache, where keys are cache slots).
           segment_ids: optional ``[B, L]`` ids of packed examples (see
             ``medvl_jax.data.packing``): attention stays within a segment. Pass the packed
             ``positions`` with them (each segment counts from 0).
@@ -153,8 +158,8 @@ class VLM(nn.Module):
             positions = jnp.maximum(positions, 0)
         if attn_mask is None:
             groups = image_groups(tokens == c.image_token_id) if c.image_bidirectional else None
-            attn_mask = make_attn_mask(input_mask, mask_ar, image_groups=groups,
-                                       segment_ids=segment_ids)
+            attn_mask = structured_mask(input_mask, mask_ar, image_groups=groups,
+                                        segment_ids=segment_ids)
         x = self.embed(tokens, images)
         return self.decoder(embeddings=x, positions=positions, attn_mask=attn_mask, cache=cache,
                             decode=decode)
