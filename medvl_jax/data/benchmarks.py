@@ -225,7 +225,14 @@ _VQA_RAD_SPLIT = {"freeform": "train", "para": "train", "test_freeform": "test",
                   "test_para": "test"}
 
 
-def _read_vqa_rad(data_dir: str, split: str, limit: int | None) -> list[dict]:
+def _read_vqa_rad(data_dir: str, split: str, limit: int | None,
+                  cache_dir: str | None) -> list[dict]:
+    if not os.path.isfile(os.path.join(data_dir, _VQA_RAD_JSON)):
+        from medvl_jax.data import hub_benchmarks
+
+        files = hub_benchmarks.parquet_files(data_dir, split)
+        if files:  # The Hugging Face release (flaviagiammarino/vqa-rad).
+            return hub_benchmarks.read_vqa_rad_parquet(files, split, limit, cache_dir)
     path = _require_path(data_dir, _VQA_RAD_JSON, "vqa_rad")
     image_dir = _require_path(data_dir, _VQA_RAD_IMAGES, "vqa_rad", folder=True)
     out = []
@@ -472,6 +479,7 @@ def _read_omnimedvqa(data_dir: str, split: str, limit: int | None, access: str) 
                 # One file of the release spells the field "modality".
                 modality=_field(rec, "modality_type", "modality"), dataset=_field(rec, "dataset"),
                 category=_field(rec, "question_type"), access=folder))
+            out[-1]["meta"]["question"] = _text(rec["question"])  # As the release words it.
     return _finish(out, limit)
 
 
@@ -585,6 +593,19 @@ def _read_mimic_cxr(data_dir: str, split: str, limit: int | None) -> list[dict]:
     return _read_r2gen("mimic_cxr", ("images", "files"), data_dir, split, limit)
 
 
+def _read_pmc_vqa(data_dir: str, split: str, limit: int | None, file: str | None):
+    from medvl_jax.data import hub_benchmarks
+
+    return hub_benchmarks.read_pmc_vqa(data_dir, split, limit, file)
+
+
+def _read_mmmu_med(data_dir: str, split: str, limit: int | None, subjects,
+                   cache_dir: str | None):
+    from medvl_jax.data import hub_benchmarks
+
+    return hub_benchmarks.read_mmmu_med(data_dir, split, limit, subjects, cache_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # The benchmarks.
 # --------------------------------------------------------------------------------------------
@@ -593,9 +614,28 @@ BENCHMARKS: dict[str, Benchmark] = {
     "vqa_rad": Benchmark(
         name="vqa_rad",
         description=f"'{_VQA_RAD_JSON}' and the folder '{_VQA_RAD_IMAGES}' of the VQA-RAD "
-                    "release (https://osf.io/89kps/)",
+                    "release (https://osf.io/89kps/), or the parquet files "
+                    "data/<split>-*.parquet of huggingface.co/datasets/flaviagiammarino/vqa-rad",
         splits=("train", "test"), read=_read_vqa_rad, source="https://osf.io/89kps/",
-        question_types=("closed", "open")),
+        question_types=("closed", "open"), options={"cache_dir": None}),
+    "pmc_vqa": Benchmark(
+        name="pmc_vqa",
+        description="PMC-VQA's CSV file (test_2.csv, test2.csv or test.csv; test_clean.csv; "
+                    "train_2.csv, train2.csv or train.csv) and its images under figures/, "
+                    "images/ or images_2/ (huggingface.co/datasets/xmcmic/PMC-VQA)",
+        splits=("train", "test", "test_clean"), read=_read_pmc_vqa,
+        source="https://huggingface.co/datasets/xmcmic/PMC-VQA",
+        question_types=("multiple_choice",), options={"file": None}),
+    "mmmu_med": Benchmark(
+        name="mmmu_med",
+        description="MMMU's medical subjects as parquet files <Subject>/validation-*.parquet "
+                    "(Basic_Medical_Science, Clinical_Medicine, "
+                    "Diagnostics_and_Laboratory_Medicine, Pharmacy, Public_Health) of "
+                    "huggingface.co/datasets/MMMU/MMMU",
+        splits=("validation",), read=_read_mmmu_med,
+        source="https://huggingface.co/datasets/MMMU/MMMU",
+        question_types=("multiple_choice", "open"),
+        options={"subjects": None, "cache_dir": None}),
     "slake": Benchmark(
         name="slake",
         description="train.json, validate.json, test.json and imgs/ of SLAKE 1.0 "

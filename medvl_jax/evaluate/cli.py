@@ -2,7 +2,8 @@
 
     python -m medvl_jax.evaluate --checkpoint DIR [--config configs/X.py[:arg]] \
         [--benchmark medsynth] [--protocol NAME[,NAME...]] [--baselines no_image,blur,noise]
-        [--data_dir DIR] [--split test] [--limit N] [--studies N] [--batch_size N]
+        [--data_dir DIR] [--benchmark_option KEY=VALUE ...] [--split test] [--limit N]
+        [--studies N] [--batch_size N]
         [--max_new_tokens N] [--evals] [--out DIR] [--config.k=v ...]
 
 ``DIR`` is either
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import ml_collections
@@ -145,6 +147,20 @@ def config_from_checkpoint(directory: str, overrides=()) -> ml_collections.Confi
     return config
 
 
+def parse_options(items) -> dict:
+    """``["include_zh=true", "limit=3"]`` as ``{"include_zh": True, "limit": 3}`` (true/false
+    become booleans, integers ints, anything else stays text)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise cli_errors.UserError(f"--benchmark_option {item!r}: expected KEY=VALUE")
+        v = value.strip()
+        out[key.strip()] = (v.lower() == "true" if v.lower() in ("true", "false")
+                            else int(v) if re.fullmatch(r"-?\d+", v) else v)
+    return out
+
+
 def _files(benchmark: str, split: str) -> tuple[str, str, str]:
     stem = f"{benchmark}_{split}"
     return f"eval_{stem}.json", f"predictions_{stem}_{{protocol}}_{{condition}}.jsonl", \
@@ -157,7 +173,7 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
              baselines: str | list = ",".join(baselines_lib.DEFAULT),
              data_dir: str | None = None, limit: int | None = None, studies: int = 100,
              batch_size: int = 64, max_new_tokens: int = 16,
-             declared: bool = False) -> dict:
+             declared: bool = False, benchmark_options: dict | None = None) -> dict:
     """Evaluates ``directory`` (see :func:`load`) on ``benchmark`` under ``protocols``
     (names, comma-separated or a list; default by benchmark) and ``baselines``, writes the
     summary, prediction and chart files into ``out`` (default: ``directory``) and returns
@@ -181,7 +197,8 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
         return _evaluate_declared(config, task, params, split, out, checkpoint=directory,
                                   step=step)
     summary_name, rows_name, chart_name = _files(benchmark, split)
-    examples = harness.load_examples(benchmark, config, split, data_dir, limit, studies)
+    examples = harness.load_examples(benchmark, config, split, data_dir, limit, studies,
+                                     options=benchmark_options)
     if not examples:
         raise cli_errors.UserError(
             f"nothing to evaluate on {benchmark!r} {split!r}: the config has no MedSynth "
@@ -273,6 +290,9 @@ def main(argv=None) -> int:
                    help=f"sanity baselines, comma-separated, of "
                         f"{', '.join(baselines_lib.BASELINES)}, or 'off' (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="where benchmark data lives")
+    p.add_argument("--benchmark_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the benchmark's reader, e.g. include_zh=true for "
+                        "SLAKE's Chinese questions (repeatable; true/false, integers, text)")
     p.add_argument("--split", default="test", help="data split (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--out", default=None, help="output directory (default: --checkpoint)")
@@ -296,6 +316,7 @@ def main(argv=None) -> int:
     results = evaluate(config, args.checkpoint, split=args.split, out=args.out,
                        benchmark=args.benchmark, protocols=args.protocol,
                        baselines=args.baselines, data_dir=args.data_dir, limit=args.limit,
+                       benchmark_options=parse_options(args.benchmark_option),
                        studies=args.studies, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, declared=args.evals)
     out = results["out"]

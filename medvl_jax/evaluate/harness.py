@@ -73,11 +73,13 @@ def check_benchmark(name: str) -> None:
 
 
 def load_examples(benchmark: str, config, split: str = "test", data_dir: str | None = None,
-                  limit: int | None = None, studies: int = 100) -> list[dict]:
+                  limit: int | None = None, studies: int = 100,
+                  options: dict | None = None) -> list[dict]:
     """The examples of ``benchmark`` (first ``limit`` of them if given), each with
     ``meta["benchmark"]`` set. MedSynth benchmarks come from the config's MedSynth sources
     (``studies`` studies each); other names from
-    :func:`medvl_jax.data.benchmarks.load_benchmark` (``data_dir``)."""
+    :func:`medvl_jax.data.benchmarks.load_benchmark` (``data_dir``, reader ``options`` such
+    as SLAKE's ``include_zh``)."""
     from medvl_jax.data import pipeline
 
     check_benchmark(benchmark)
@@ -88,7 +90,7 @@ def load_examples(benchmark: str, config, split: str = "test", data_dir: str | N
     else:
         from medvl_jax.data import benchmarks
 
-        examples = benchmarks.load_benchmark(benchmark, data_dir, split)
+        examples = benchmarks.load_benchmark(benchmark, data_dir, split, **(options or {}))
     if limit is not None:
         examples = examples[:int(limit)]
     out = []

@@ -223,3 +223,11 @@ def test_evaluate_cli_wrong_checkpoint_dir(tmp_path, capsys):
     assert eval_cli.main(["--checkpoint", str(tmp_path)]) == 2   # no config to take either
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "pass --config" in err
+
+
+def test_benchmark_options_from_the_command_line():
+    assert eval_cli.parse_options(["include_zh=true", "access=all", "limit=3"]) == {
+        "include_zh": True, "access": "all", "limit": 3}
+    assert eval_cli.parse_options([]) == {}
+    with pytest.raises(Exception, match="expected KEY=VALUE"):
+        eval_cli.parse_options(["include_zh"])
