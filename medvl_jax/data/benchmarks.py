@@ -479,7 +479,8 @@ def _read_omnimedvqa(data_dir: str, split: str, limit: int | None, access: str) 
                 # One file of the release spells the field "modality".
                 modality=_field(rec, "modality_type", "modality"), dataset=_field(rec, "dataset"),
                 category=_field(rec, "question_type"), access=folder))
-            out[-1]["meta"]["question"] = _text(rec["question"])  # As the release words it.
+            out[-1]["meta"]["question"] = _text(rec["question"])  # As the release words it,
+            out[-1]["meta"]["gt_answer"] = answer_text            # and its answer.
     return _finish(out, limit)
 
 

@@ -3,7 +3,7 @@
     python -m medvl_jax.evaluate --checkpoint DIR [--config configs/X.py[:arg]] \
         [--benchmark medsynth] [--protocol NAME[,NAME...]] [--baselines no_image,blur,noise]
         [--data_dir DIR] [--benchmark_option KEY=VALUE ...] [--split test] [--limit N]
-        [--studies N] [--batch_size N]
+        [--studies N] [--batch_size N] [--fresh] [--shard K/N]
         [--max_new_tokens N] [--evals] [--out DIR] [--config.k=v ...]
 
 ``DIR`` is either
@@ -31,6 +31,9 @@ per-question-type table per protocol (real score beside each baseline) is printe
                                                               protocol's name and version
     predictions_<benchmark>_<split>_<protocol>_<condition>.jsonl   one row per example
     scores_<benchmark>_<split>.png                            bar chart: scores vs baselines
+    generations_<benchmark>_<split>_<id>.jsonl                every generated answer: a run
+                                                              again after a kill generates only
+                                                              what is missing (--fresh: all)
 
 A model that does not generate text (contrastive, classify, MAE), or any model with
 ``--evals``, is evaluated by the config's declared evaluators (``config.evals``, see
@@ -43,6 +46,8 @@ code 2 (``--verbose`` adds the traceback; :mod:`medvl_jax.cli_errors`).
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import re
@@ -54,6 +59,7 @@ from medvl_jax import cli_errors
 from medvl_jax import config as config_lib
 from medvl_jax.evaluate import baselines as baselines_lib
 from medvl_jax.evaluate import evaluators as evaluators_lib
+from medvl_jax.evaluate import generation_store
 from medvl_jax.evaluate import harness
 from medvl_jax.evaluate import protocols as protocols_lib
 from medvl_jax.train import restore, run
@@ -147,6 +153,42 @@ def config_from_checkpoint(directory: str, overrides=()) -> ml_collections.Confi
     return config
 
 
+def _store(out: str, benchmark: str, split: str, checkpoint: str, step, fresh: bool,
+           shard: tuple[int, int] | None,
+           config: dict | None = None) -> generation_store.GenerationStore:
+    """The generations store of this evaluation in ``out``:
+    ``generations_<benchmark>_<split>_<id>.jsonl`` (reading every shard's
+    ``….shard<k>of<n>.jsonl`` too), or the shard's own file. ``<id>`` is a hash of what the
+    answers depend on (checkpoint, step, the config), so another checkpoint or config never
+    reuses them. ``fresh`` deletes this evaluation's files first."""
+    identity = {"checkpoint": os.path.abspath(checkpoint), "step": step,
+                "benchmark": benchmark, "split": split,
+                "config": hashlib.sha1(json.dumps(config or {}, sort_keys=True, default=str)
+                                       .encode()).hexdigest()}
+    tag = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    stem = os.path.join(out, f"generations_{benchmark}_{split}_{tag}")
+    shards = sorted(glob.glob(glob.escape(stem) + ".shard*of*.jsonl"))
+    if fresh:
+        for path in [stem + ".jsonl", *shards]:
+            if os.path.isfile(path):
+                os.remove(path)
+        shards = []
+    if shard is None:
+        return generation_store.GenerationStore(stem + ".jsonl", identity, shards)
+    path = f"{stem}.shard{shard[0]}of{shard[1]}.jsonl"
+    return generation_store.GenerationStore(path, identity, [stem + ".jsonl"])
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"1/4"`` as ``(1, 4)`` (shard 1 of 4, counted from 0); None for None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise cli_errors.UserError(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
 def parse_options(items) -> dict:
     """``["include_zh=true", "limit=3"]`` as ``{"include_zh": True, "limit": 3}`` (true/false
     become booleans, integers ints, anything else stays text)."""
@@ -173,12 +215,18 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
              baselines: str | list = ",".join(baselines_lib.DEFAULT),
              data_dir: str | None = None, limit: int | None = None, studies: int = 100,
              batch_size: int = 64, max_new_tokens: int = 16,
-             declared: bool = False, benchmark_options: dict | None = None) -> dict:
+             declared: bool = False, benchmark_options: dict | None = None,
+             fresh: bool = False, shard: tuple[int, int] | None = None) -> dict:
     """Evaluates ``directory`` (see :func:`load`) on ``benchmark`` under ``protocols``
     (names, comma-separated or a list; default by benchmark) and ``baselines``, writes the
     summary, prediction and chart files into ``out`` (default: ``directory``) and returns
     the results (predictions included, ``"files"`` naming what was written). ``declared``
-    (always for a model that does not generate text): run the config's ``evals`` instead."""
+    (always for a model that does not generate text): run the config's ``evals`` instead.
+
+    Generated answers are kept in ``<out>/generations_<benchmark>_<split>_<id>.jsonl`` as they are
+    made (:func:`_store`): run again after a kill, the evaluation generates only what is
+    missing (``fresh`` starts over). ``shard=(k, n)`` generates shard k of n into its own file
+    and returns without scoring; the run without ``shard`` then reads every shard's file."""
     # Names are checked before the checkpoint is loaded.
     named = protocols is not None
     plist = protocols_lib.parse_list(protocols if named else
@@ -204,14 +252,20 @@ def evaluate(config: ml_collections.ConfigDict, directory: str, *, split: str = 
             f"nothing to evaluate on {benchmark!r} {split!r}: the config has no MedSynth "
             f"source" if benchmark.startswith("medsynth") else
             f"benchmark {benchmark!r} has no {split!r} examples")
-    show, close = _progress(f"{benchmark} {split}")
+    store = _store(out, benchmark, split, directory, step, fresh, shard,
+                   config.to_dict())
+    show, close = _progress(f"{benchmark} {split}" + (f" shard {shard[0]}/{shard[1]}"
+                                                      if shard else ""))
     try:
         results = harness.evaluate(task, task.model_params(params), examples, plist,
                                    baselines=blist, progress=show, benchmark=benchmark,
                                    split=split, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, data_config=config.data)
+                                   max_new_tokens=max_new_tokens, data_config=config.data,
+                                   store=store, shard=shard)
     finally:
         close()
+    if shard is not None:
+        return {**results, "out": out, "files": {"generations": store.path}}
     os.makedirs(out, exist_ok=True)
     files = {"summary": summary_name, "chart": chart_name, "predictions": {}}
     for name, per_cond in results["predictions"].items():
@@ -260,6 +314,7 @@ def _check_flags(args) -> None:
                              protocols_lib.default_for(args.benchmark))
     baselines_lib.parse_list(args.baselines)
     harness.check_benchmark(args.benchmark)
+    parse_shard(args.shard)
     for flag in ("limit", "studies", "batch_size", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -301,6 +356,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generated batch")
     p.add_argument("--max_new_tokens", type=int, default=16,
                    help="token budget of an answer (a protocol may set its own)")
+    p.add_argument("--fresh", action="store_true",
+                   help="generate every answer again (default: answers kept in "
+                        "<out>/generations_<benchmark>_<split>.jsonl from an earlier or killed "
+                        "run of this checkpoint are reused)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="generate only shard K of N (from 0) into its own generations file "
+                        "and stop; run N such processes, then once without --shard to score")
     p.add_argument("--evals", action="store_true",
                    help="run the config's declared evaluators (config.evals) instead of a "
                         "benchmark (always, for a model that does not generate text)")
@@ -317,9 +379,16 @@ def main(argv=None) -> int:
                        benchmark=args.benchmark, protocols=args.protocol,
                        baselines=args.baselines, data_dir=args.data_dir, limit=args.limit,
                        benchmark_options=parse_options(args.benchmark_option),
+                       fresh=args.fresh, shard=parse_shard(args.shard),
                        studies=args.studies, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, declared=args.evals)
     out = results["out"]
+    if "shard" in results:
+        k, n = results["shard"]
+        print(f"shard {k}/{n}: generated {results['generated']} answers ({results['cached']} of "
+              f"{results['total']} were already there) into {results['files']['generations']}; "
+              f"run without --shard to score")
+        return 0
     if "evals" in results:
         for table in results["tables"].values():
             print(table)

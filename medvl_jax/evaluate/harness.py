@@ -15,6 +15,10 @@ that add no instruction (exact, medsynth, llava_med, llava_med_strict, token_f1)
 generation between them. Batches have ``batch_size`` rows (the last one
 padded), so each token budget compiles the decode once. Everything is deterministic.
 
+With a :class:`~medvl_jax.evaluate.generation_store.GenerationStore`, generations are kept on
+disk batch by batch: a killed evaluation run again generates only what is missing, and
+``shard=(k, n)`` splits the generations over processes whose stores a last run reads.
+
 Results: per protocol (stamped with its name and version) and condition, a per-question-type
 table, the overall mean, corpus report metrics for report questions, and one prediction row
 per example.
@@ -27,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medvl_jax.evaluate import baselines as baselines_lib
+from medvl_jax.evaluate import generation_store
 from medvl_jax.evaluate import protocols as protocols_lib
 
 # Benchmarks built from the config's MedSynth sources (the other names come from
@@ -112,7 +117,9 @@ def evaluate(task, model_params, examples: Sequence[dict],
              protocols: Sequence[protocols_lib.Protocol], *, batch_size: int,
              max_new_tokens: int, data_config, baselines: Sequence[str] = (),
              progress: Callable[[int, int], None] | None = None,
-             benchmark: str = "", split: str = "") -> dict:
+             benchmark: str = "", split: str = "",
+             store: generation_store.GenerationStore | None = None,
+             shard: tuple[int, int] | None = None) -> dict:
     """Scores ``examples`` under each protocol, with the real images and under each
     baseline; see the module docstring. ``task`` generates the answers
     (``task.generate_texts``) from plain ``model_params``, ``batch_size`` rows at a time, up to
@@ -122,6 +129,13 @@ def evaluate(task, model_params, examples: Sequence[dict],
 
     With ``data_config.skip_bad_examples`` examples whose images cannot be read are left out
     and counted in ``skipped_examples`` (see :func:`_readable`).
+
+    ``store`` (:class:`~generation_store.GenerationStore`): generations found there are not
+    generated again, and every new batch is added to it as soon as it is generated, so a
+    killed evaluation run again continues where it stopped. ``shard=(k, n)``: generate only
+    every n-th of the generations still missing, starting at the k-th, into ``store`` and
+    return ``{"shard", "generated", "cached", "total"}`` without scoring; a later run without
+    ``shard`` (reading all shards' stores) scores everything and generates nothing.
 
     Returns ``{"benchmark", "split", "num_examples", "skipped_examples", "conditions",
     "protocols": {name: {"protocol", "version", "description", "conditions": {condition:
@@ -154,6 +168,9 @@ def evaluate(task, model_params, examples: Sequence[dict],
     keys: dict[tuple[str, str], list[tuple]] = {}  # (condition, protocol) -> one per example
     jobs: list[tuple[str, int, list[tuple]]] = []  # (condition, budget, [(key, index, p)])
     seen = set()
+    texts: dict[tuple, str] = {}
+    stored: dict[tuple, str] = {}  # key -> its store key
+    total = 0
     for cond in conditions:
         for p in protocols:
             groups: dict[int, list[tuple]] = {}
@@ -161,28 +178,55 @@ def evaluate(task, model_params, examples: Sequence[dict],
                 prompted = p.prompt(_text_view(ex, cond))
                 key = (i, _prompt_key(prompted), cond, budget(p, ex))
                 keys.setdefault((cond, p.name), []).append(key)
-                if key not in seen:
-                    seen.add(key)
-                    groups.setdefault(key[3], []).append((key, i, p))
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += 1
+                if store is not None:
+                    stored[key] = generation_store.key_of(str(ex["id"]), key[1], cond, key[3])
+                    if stored[key] in store:
+                        texts[key] = store.get(stored[key])
+                        continue
+                groups.setdefault(key[3], []).append((key, i, p))
             jobs.extend((cond, n_new, items) for n_new, items in groups.items())
+    cached = len(texts)
+    if shard is not None:
+        k_shard, n_shards = int(shard[0]), int(shard[1])
+        if store is None or not 0 <= k_shard < n_shards:
+            raise ValueError(f"shard {shard!r}: needs a store and 0 <= k < n")
+        flat = [(cond, n_new, item) for cond, n_new, items in jobs for item in items]
+        mine = flat[k_shard::n_shards]
+        jobs = []
+        for cond, n_new, item in mine:
+            if jobs and jobs[-1][0] == cond and jobs[-1][1] == n_new:
+                jobs[-1][2].append(item)
+            else:
+                jobs.append((cond, n_new, [item]))
     batches = []
     for cond, n_new, items in jobs:
         for start in range(0, len(items), bs):
             batches.append((cond, n_new, items[start:start + bs]))
 
-    texts: dict[tuple, str] = {}
     for k, (cond, n_new, items) in enumerate(batches):
         chunk = [p.prompt(baselines_lib.apply(examples[i], cond, data_config))
                  for _, i, p in items]
         answers = task.generate_texts(model_params, chunk, batch_size=bs, max_new_tokens=n_new)
         for (key, _, _), text in zip(items, answers):
             texts[key] = text
+        if store is not None:
+            store.add((stored[key], str(examples[i]["id"]), text)
+                      for (key, i, _), text in zip(items, answers))
         if progress is not None:
             progress(k + 1, len(batches))
+    if shard is not None:
+        return {"benchmark": benchmark, "split": split, "shard": [k_shard, n_shards],
+                "generated": sum(len(items) for _, _, items in batches), "cached": cached,
+                "total": total}
 
     out = {"benchmark": benchmark, "split": split, "num_examples": len(examples),
            "skipped_examples": skipped, "conditions": conditions, "protocols": {},
-           "predictions": {}}
+           "predictions": {},
+           "generations": {"total": total, "cached": cached, "generated": total - cached}}
     for p in protocols:
         entry = {**p.stamp(), "description": p.description, "conditions": {}}
         out["predictions"][p.name] = {}

@@ -250,8 +250,8 @@ def medevalkit_record(example: dict) -> medevalkit.Record | None:
 
     Reads ``meta``: ``answer``; ``question`` (the question as the dataset words it; else the
     last user message); ``answer_type`` and ``q_lang`` (SLAKE); ``choices`` (PMC-VQA: the
-    options as its CSV writes them, "A:CT"); ``options`` and ``answer_text`` (OmniMedVQA,
-    MMMU)."""
+    options as its CSV writes them, "A:CT"); ``options``, ``gt_answer`` / ``answer_text``
+    (OmniMedVQA), ``options`` (MMMU)."""
     meta = example["meta"]
     d = meta.get("benchmark")
     if d not in medevalkit.DATASETS:
@@ -264,7 +264,9 @@ def medevalkit_record(example: dict) -> medevalkit.Record | None:
                                           enumerate(_options(example))]
         return medevalkit.Record(answer=_answer(example), choices=tuple(choices), **common)
     if d == "omnimedvqa":
-        text = str(meta.get("answer_text") or _answer(example))
+        # The answer as the release writes it (MedEvalKit turns it into a letter only when it
+        # equals an option exactly).
+        text = str(meta.get("gt_answer") or meta.get("answer_text") or _answer(example))
         choices, answer = medevalkit.omnimedvqa_choices(_options(example), text)
         return medevalkit.Record(answer=answer, choices=tuple(choices), **common)
     if d == "mmmu_med":

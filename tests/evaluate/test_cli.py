@@ -231,3 +231,22 @@ def test_benchmark_options_from_the_command_line():
     assert eval_cli.parse_options([]) == {}
     with pytest.raises(Exception, match="expected KEY=VALUE"):
         eval_cli.parse_options(["include_zh"])
+
+
+def test_generation_files_of_the_cli(tmp_path, capsys):
+    out = str(tmp_path)
+    shard = eval_cli._store(out, "vqa_rad", "test", "/ckpt", 5, False, (1, 2), {"a": 1})
+    assert re.search(r"generations_vqa_rad_test_\w{10}\.shard1of2\.jsonl$", shard.path)
+    shard.add([("k1", "q1", "yes")])
+    whole = eval_cli._store(out, "vqa_rad", "test", "/ckpt", 5, False, None, {"a": 1})
+    assert whole.path == shard.path.replace(".shard1of2", "") and whole.get("k1") == "yes"
+    # Another step or config: another file, nothing reused.
+    assert "k1" not in eval_cli._store(out, "vqa_rad", "test", "/ckpt", 6, False, None,
+                                       {"a": 1})
+    assert "k1" not in eval_cli._store(out, "vqa_rad", "test", "/ckpt", 5, False, None,
+                                       {"a": 2})
+    fresh = eval_cli._store(out, "vqa_rad", "test", "/ckpt", 5, True, None, {"a": 1})
+    assert "k1" not in fresh and not os.path.exists(shard.path)
+    assert eval_cli.parse_shard("1/4") == (1, 4) and eval_cli.parse_shard(None) is None
+    with pytest.raises(Exception, match="expected K/N"):
+        eval_cli.parse_shard("4/4")

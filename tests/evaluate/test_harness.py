@@ -310,3 +310,77 @@ def test_real_model_and_medsynth_benchmarks():
     assert [r["prediction"] for r in res["predictions"]["exact"]["no_image"]] == blind
     metrics = res["protocols"]["exact"]["conditions"]["real"]["report_metrics"]
     assert {"sacrebleu_bleu4", "rouge_score_rouge_l", "cider_plain", "clinical_f1"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable and sharded generation.
+# ---------------------------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+class KilledPolicy(ScriptedPolicy):
+    """Dies (as a killed process would) when asked for its ``after``-th batch."""
+
+    def __init__(self, after, **kw):
+        super().__init__(**kw)
+        self.after = after
+
+    def generate_texts(self, params, examples, **kw):
+        if len(self.calls) == self.after:
+            raise Killed("killed")
+        return super().generate_texts(params, examples, **kw)
+
+
+def _rows(res):
+    return {n: {c: [(r["id"], r["prediction"], r["score"]) for r in rows]
+                for c, rows in per.items()} for n, per in res["predictions"].items()}
+
+
+def test_killed_evaluation_continues_without_recomputing(tmp_path):
+    from medvl_jax.evaluate.generation_store import GenerationStore
+
+    protocols = [P.get("exact"), P.get("medevalkit")]
+    kw = dict(baselines=["no_image"])
+    want = _scripted(ScriptedPolicy(batch_size=2), QA, protocols, **kw)
+    total = want["generations"]["total"]
+    assert want["generations"] == {"total": total, "cached": 0, "generated": total}
+    identity = {"checkpoint": "/ckpt", "step": 7}
+    path = str(tmp_path / "generations.jsonl")
+    killed = KilledPolicy(after=3, batch_size=2)
+    with pytest.raises(Killed):
+        _scripted(killed, QA, protocols, store=GenerationStore(path, identity), **kw)
+    with open(path, "a") as f:
+        f.write('{"key": "cut off by the kil')     # a write the kill interrupted
+    again = ScriptedPolicy(batch_size=2)
+    got = _scripted(again, QA, protocols, store=GenerationStore(path, identity), **kw)
+    assert got["generations"] == {"total": total, "cached": 6, "generated": total - 6}
+    assert sum(n for n, _, _ in again.calls) == total - 6    # only what was missing
+    assert _rows(got) == _rows(want)
+    third = ScriptedPolicy(batch_size=2)
+    assert _rows(_scripted(third, QA, protocols, store=GenerationStore(path, identity),
+                           **kw)) == _rows(want)
+    assert third.calls == []
+    with pytest.raises(ValueError, match="step=7, this evaluation has step=8"):
+        GenerationStore(path, {"checkpoint": "/ckpt", "step": 8})
+
+
+def test_shards_add_up_to_the_whole_evaluation(tmp_path):
+    from medvl_jax.evaluate.generation_store import GenerationStore
+
+    protocols = [P.get("exact"), P.get("medevalkit")]
+    want = _scripted(ScriptedPolicy(batch_size=2), QA, protocols)
+    identity = {"checkpoint": "/ckpt", "step": 1}
+    files = [str(tmp_path / f"gen.shard{k}of3.jsonl") for k in range(3)]
+    counts = []
+    for k in range(3):
+        res = _scripted(ScriptedPolicy(batch_size=2), QA, protocols, shard=(k, 3),
+                        store=GenerationStore(files[k], identity))
+        assert res["shard"] == [k, 3] and "protocols" not in res
+        counts.append(res["generated"])
+    assert sum(counts) == want["generations"]["total"] and max(counts) - min(counts) <= 1
+    final = ScriptedPolicy(batch_size=2)
+    got = _scripted(final, QA, protocols,
+                    store=GenerationStore(str(tmp_path / "gen.jsonl"), identity, files))
+    assert final.calls == [] and _rows(got) == _rows(want)

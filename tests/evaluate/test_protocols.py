@@ -350,3 +350,15 @@ def test_traps_table(prediction, reference, want):
     names = ("llava_med", "llava_med_batch", "llava_med_strict", "medevalkit",
              "medevalkit_strict", "exact")
     assert tuple(score(n, prediction, ex("closed", reference)) for n in names) == want
+
+
+def test_medevalkit_omnimedvqa_keeps_a_reference_that_matches_no_option_as_text():
+    # MedEvalKit turns gt_answer into a letter only when it equals an option exactly; "mri"
+    # against the option "MRI" stays text, so the right letter is judged wrong there.
+    e = ex("multiple_choice", "B", "What modality?", ["CT", "MRI"])
+    e["meta"].update(benchmark="omnimedvqa", question="What modality?", answer_text="MRI")
+    assert score("medevalkit", "B", e) == 1.0
+    e["meta"]["gt_answer"] = "mri"
+    assert score("medevalkit", "B", e) == 0.0
+    assert score("medevalkit", "MRI", e) == 1.0        # only the text itself matches
+    assert score("medevalkit_strict", "B", e) == 1.0
