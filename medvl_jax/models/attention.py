@@ -15,7 +15,7 @@ static mask (full, causal, sliding window, or "rows", below) plus per-example se
 per-example prefix (prefix-LM) or bidirectional image block becomes, per query, the last key it
 may see, fed through the kernel's ``q_sequence`` into a mask computed inside the kernel ("rows":
 every block is visited, none is skipped). cuDNN takes causal/no masks natively and any other
-mask as an additive bias. :func:`choose_impl` decides, from the backend, mask kind, dtype, head
+mask (a dense-only one included) as an additive bias. :func:`choose_impl` decides, from the backend, mask kind, dtype, head
 dim and soft-cap, which implementation runs and why a request falls back to xla; each distinct
 fallback is logged once.
 
@@ -88,10 +88,10 @@ def choose_impl(requested: str, *, platform: str, kind: str, dtype, head_dim: in
         requested = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
     if requested == "xla":
         return "xla", None
-    if kind == "dense":
-        return "xla", ("the mask is only known as a dense array (build it with "
-                       "masks.attn_mask / AttnMask to give its structure)")
     if requested == "splash":
+        if kind == "dense":
+            return "xla", ("the mask is only known as a dense array (build it with "
+                           "masks.attn_mask / AttnMask to give its structure)")
         if kind in ("causal", "rows") and q_len != kv_len:
             return "xla", "a causal mask with different query and key lengths"
         if kind == "rows" and windowed and max(_round_up(q_len, splash_block(q_len)),

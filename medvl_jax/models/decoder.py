@@ -159,8 +159,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, layer=None):
-        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask: an :class:`AttnMask` without a cache, a
-        bool ``[B,L,S]`` over cache slots with one.
+        """x ``[B,L,E]``; cos/sin ``[B,L,D]``; mask: an :class:`AttnMask` over the ``L`` tokens
+        (no cache, or a prefill into an empty one), else a bool ``[B,L,S]`` over cache slots.
 
         ``cache_kv``: None, or the stacked cache ``(k, v)`` (module docstring layout), into
         which this call writes layer ``layer`` at slot ``index``. Returns ``(out, new cache_kv)``.
@@ -196,10 +196,10 @@ class Attention(nn.Module):
         k = L.apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_kv = None
-        if cache_kv is None:
+        if isinstance(mask, AttnMask):  # No cache, or a prefill: among the new tokens.
             out = L.attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap,
                               impl=c.attention_impl)
-        else:
+        if cache_kv is not None:
             zero = jnp.zeros((), jnp.int32)
             start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32),
                      zero)
@@ -211,8 +211,9 @@ class Attention(nn.Module):
             new_kv = (write(cache_kv[0], k), write(cache_kv[1], v))
             ck, cv = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False).astype(dt)
                       for a in new_kv)
-            out = cached_attention(q, ck, cv, mask, scale=c.attn_scale,
-                                   softcap=c.attn_logit_softcap)
+            if not isinstance(mask, AttnMask):
+                out = cached_attention(q, ck, cv, mask, scale=c.attn_scale,
+                                       softcap=c.attn_logit_softcap)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         b, length = out.shape[:2]
         # One [B*L, H*D] x [H*D, E] matmul: both operands are free reshapes (no weight copy).
@@ -299,7 +300,7 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def __call__(self, tokens=None, *, embeddings=None, positions, attn_mask, cache=None,
-                 decode=False):
+                 decode=False, prefill=False):
         """Returns ``(logits [B, L, vocab] float32, aux)``.
 
         Args:
@@ -311,13 +312,16 @@ class Decoder(nn.Module):
             only densely and runs the xla path.
           cache: a cache from :func:`init_cache` (read and updated), or None.
           decode: asserts that a cache is given (the generation loop's step calls).
+          prefill: the tokens fill an empty ``cache`` (index 0): attention runs among them
+            through ``attention_impl`` as without a cache (``attn_mask`` over the ``L`` tokens,
+            an ``AttnMask`` for fused kernels) and their keys/values are written to the cache.
         aux: ``{"hidden": final normed hidden states}`` plus ``"cache"`` when a cache is used.
         """
         c = self.config
         if (tokens is None) == (embeddings is None):
             raise ValueError("give exactly one of tokens and embeddings")
-        if decode and cache is None:
-            raise ValueError("decode=True needs a cache")
+        if (decode or prefill) and cache is None:
+            raise ValueError("decode=True and prefill=True need a cache")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(c.dtype)
         b, length = x.shape[:2]
         index = cache["index"] if cache is not None else 0
@@ -332,11 +336,14 @@ class Decoder(nn.Module):
             cos_l, sin_l = cos, sin
         shared = {"cos": cos, "sin": sin, "cos_local": cos_l, "sin_local": sin_l}
         carry = x
-        if cache is None:
+        if cache is None or prefill:
             mask = attn_mask
             if not isinstance(mask, AttnMask):
                 mask = AttnMask.from_dense(mask)
             shared["mask"] = mask.replace(window=c.sliding_window)
+            if cache is not None:
+                shared["index"] = index
+                carry = (x, (cache["k"], cache["v"]))
         else:
             mask = attn_mask.dense if isinstance(attn_mask, AttnMask) else attn_mask
             mask = mask.astype(bool)

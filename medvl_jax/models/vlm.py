@@ -135,7 +135,7 @@ class VLM(nn.Module):
         return jnp.where(is_image[..., None], gathered, x)
 
     def __call__(self, tokens, images, *, input_mask, mask_ar, positions=None, attn_mask=None,
-                 segment_ids=None, cache=None, decode=False):
+                 segment_ids=None, cache=None, decode=False, prefill=False):
         """Returns ``(logits, aux)`` like :class:`Decoder`.
 
         Args:
@@ -149,7 +149,8 @@ class VLM(nn.Module):
           segment_ids: optional ``[B, L]`` ids of packed examples (see
             ``medvl_jax.data.packing``): attention stays within a segment. Pass the packed
             ``positions`` with them (each segment counts from 0).
-          cache, decode: as for :class:`Decoder`.
+          cache, decode, prefill: as for :class:`Decoder` (a prefill builds its mask from
+            ``mask_ar`` like a call without a cache).
         """
         c = self.config
         input_mask = jnp.asarray(input_mask).astype(bool)
@@ -162,4 +163,4 @@ class VLM(nn.Module):
                                         segment_ids=segment_ids)
         x = self.embed(tokens, images)
         return self.decoder(embeddings=x, positions=positions, attn_mask=attn_mask, cache=cache,
-                            decode=decode)
+                            decode=decode, prefill=prefill)
