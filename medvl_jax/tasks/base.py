@@ -239,7 +239,7 @@ def run_keys(seed: int):
 
 
 # Fields that change how a model computes, not which weights it has: never compared.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def first_difference(ours: Any, theirs: Any, prefix: str = "model.") -> tuple | None:
